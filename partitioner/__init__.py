@@ -1,0 +1,1 @@
+"""Partitioner: turns a labelled graph into ordered enclave/GPU stages."""

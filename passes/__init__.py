@@ -1,0 +1,1 @@
+"""torch.fx passes: capture/lowering, taint, labelling, mask insertion, leak audit."""

@@ -1,0 +1,91 @@
+"""Leak audit: prove DESIGN.md's three invariants on a finished boundary graph, or refuse it.
+
+The audit trusts no label: it recomputes taint through the boundary graph and inside every stage, then checks
+1. every input of a GPU stage arrives through a `mask` op, masked unless it holds no user data;
+2. every GPU stage is affine in its masked inputs;
+3. no private parameter is read by a GPU stage.
+"""
+
+from __future__ import annotations
+
+import operator
+
+from torch import fx
+
+from .insert_masks import mask, unmask
+from .label import GPU, AffineOperatorSupport
+from .meta import CUT, PRIVATE_PARAM, SIDE, TAINT
+from .taint import PRIVATE, PUBLIC, SECRET, TaintPass, combine
+
+
+class LeakError(RuntimeError):
+    """A split program would show the GPU something it must not see."""
+
+
+def audit(boundary: fx.GraphModule, masking: str, private_globs: tuple[str, ...] = ()) -> None:
+    """Raise `LeakError` naming the first violated invariant; return None when all hold."""
+    taint: dict[fx.Node, str] = {}
+    support = AffineOperatorSupport()
+    for node in boundary.graph.nodes:
+        if node.op == "placeholder":
+            taint[node] = PRIVATE
+        elif node.op == "call_module":
+            stage = boundary.get_submodule(str(node.target))
+            on_gpu = node.meta.get(SIDE) == GPU
+            if on_gpu:
+                _check_gpu_inputs(node, taint, masking)
+            outputs = _stage_taints(stage, node, taint, private_globs, support if on_gpu else None)
+            for item in node.users:
+                taint[item] = outputs[item.args[1]]
+                if on_gpu and any(u.target is not unmask for u in item.users):
+                    raise LeakError(f"{node.target}: a GPU result is used without passing through unmask")
+        elif node.op == "call_function":
+            if node.target is operator.getitem and node.args[0].op == "call_module":
+                continue
+            taint[node] = combine(taint[p] for p in node.all_input_nodes)
+
+
+def _check_gpu_inputs(call: fx.Node, taint: dict[fx.Node, str], masking: str) -> None:
+    for value in call.all_input_nodes:
+        if value.target is not mask:
+            raise LeakError(f"{call.target}: input {value.name!r} reaches the GPU without a mask op (invariant 1)")
+        protection = value.meta[CUT].protection
+        source = value.args[0]
+        if taint[source] == SECRET:
+            raise LeakError(f"{call.target}: {source.name!r} derives from a private parameter (invariant 3)")
+        private_unmasked = taint[source] == PRIVATE and protection != masking
+        if private_unmasked or (protection == "public" and taint[source] != PUBLIC):
+            raise LeakError(
+                f"{call.target}: {taint[source]} value {source.name!r} crosses with protection {protection!r} "
+                f"under masking {masking!r} (invariant 1)"
+            )
+
+
+def _stage_taints(
+    stage: fx.GraphModule,
+    call: fx.Node,
+    taint: dict[fx.Node, str],
+    private_globs: tuple[str, ...],
+    support: AffineOperatorSupport | None,
+) -> list[str]:
+    """Taint of each stage output; with `support`, also check the stage is a legal GPU stage."""
+    args = [a.args[0] if a.target is mask else a for a in call.args]
+    inputs = {p.name: taint[a] for p, a in zip(_placeholders(stage), args, strict=True)}
+    TaintPass(private_globs, inputs)(stage)
+    for node in stage.graph.nodes:
+        if support is None:
+            break
+        if node.op == "get_attr" and node.meta.get(PRIVATE_PARAM):
+            raise LeakError(f"{call.target}: private parameter {node.target!r} is on the GPU (invariant 3)")
+        if node.op == "call_function" and node.meta[TAINT] == PRIVATE and node.target is not operator.getitem:
+            ok, reason = support.check(node)
+            if not ok:
+                raise LeakError(f"{call.target}: {node.name} is not affine in its masked inputs ({reason}; invariant 2)")
+        if node.op == "call_function" and node.meta[TAINT] == SECRET:
+            raise LeakError(f"{call.target}: {node.name} computes on a private parameter (invariant 3)")
+    output = next(n for n in stage.graph.nodes if n.op == "output")
+    return [n.meta[TAINT] for n in output.args[0]]
+
+
+def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]

@@ -1,0 +1,47 @@
+"""Taint analysis: which values derive from user data (private), from private weights only (secret), or neither."""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from .meta import PARAM_NAMES, PRIVATE_PARAM, TAINT
+
+PRIVATE, SECRET, PUBLIC = "private", "secret", "public"
+
+
+def taint_of(node: fx.Node) -> str:
+    return node.meta[TAINT]
+
+
+class TaintPass(PassBase):
+    """Marks user inputs private, model state public (or secret when a `private` glob matches), and propagates."""
+
+    def __init__(self, private_globs: tuple[str, ...] = (), input_taints: dict[str, str] | None = None) -> None:
+        super().__init__()
+        self.private_globs = private_globs
+        self.input_taints = input_taints or {}
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        for node in graph_module.graph.nodes:
+            node.meta[TAINT] = self._taint(node)
+        return PassResult(graph_module, False)
+
+    def _taint(self, node: fx.Node) -> str:
+        if node.op == "placeholder":
+            return self.input_taints.get(node.name, PRIVATE)
+        if node.op == "get_attr":
+            names = node.meta.get(PARAM_NAMES, (str(node.target),))
+            node.meta[PRIVATE_PARAM] = any(fnmatchcase(n, g) for n in names for g in self.private_globs)
+            return SECRET if node.meta[PRIVATE_PARAM] else PUBLIC
+        return combine(taint_of(p) for p in node.all_input_nodes)
+
+
+def combine(taints) -> str:
+    """Data dominates: a value computed from user data is private (it may cross masked); else secret beats public."""
+    seen = set(taints)
+    if PRIVATE in seen:
+        return PRIVATE
+    return SECRET if SECRET in seen else PUBLIC

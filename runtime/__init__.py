@@ -1,0 +1,1 @@
+"""Untrusted side: what runs on the GPU host. It never imports `enclave_runtime` (no masks, keys, private weights)."""

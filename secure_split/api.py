@@ -1,0 +1,40 @@
+"""Ahead-of-time entry point: `split(model, args, kwargs, config) -> SplitProgram`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .backend import SplitCompiledFunction
+from .config import SplitConfig
+from .program import SplitProgram
+
+
+def split(
+    model: torch.nn.Module,
+    args: tuple[Any, ...] | Any,
+    kwargs: dict[str, Any] | None = None,
+    config: SplitConfig | None = None,
+) -> SplitProgram:
+    """Capture `model` on example inputs with Dynamo (fullgraph, static shapes) and split it.
+
+    The returned program is callable with the model's own arguments (same shapes as the example) and exposes
+    `report()`. It uses the same compiler as `torch.compile(backend="secure_split")`.
+    """
+    config = config or SplitConfig()
+    args = args if isinstance(args, tuple) else (args,)
+    captured: list[SplitCompiledFunction] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> SplitCompiledFunction:
+        captured.append(SplitCompiledFunction(gm, example_inputs, config))
+        return captured[-1]
+
+    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        compiled(*args, **(kwargs or {}))
+    if not captured or captured[-1].last_program is None:
+        raise RuntimeError("Dynamo did not hand the model's graph to secure_split (was it already compiled?)")
+    program = captured[-1].last_program
+    program._entry = compiled
+    return program

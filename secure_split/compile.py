@@ -1,0 +1,47 @@
+"""The compiler pipeline: capture → taint → label → stages → masks → audit, logging the graph at each step."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch import fx
+
+from secure_split.partitioner.stages import build_partition
+from secure_split.passes.capture import InputSpec, lift_state, lower_to_aten
+from secure_split.passes.fold_public import FoldPublicPass
+from secure_split.passes.insert_masks import InsertMasksPass
+from secure_split.passes.label import LabelPass
+from secure_split.passes.leak_audit import audit
+from secure_split.passes.taint import TaintPass
+
+from .config import SplitConfig
+from .program import SplitProgram
+
+log = logging.getLogger("secure_split")
+
+
+def compile_graph(
+    gm: fx.GraphModule, specs: list[InputSpec], inputs: list[Any], config: SplitConfig
+) -> SplitProgram:
+    """Split one Dynamo graph, specialized to the shapes of `inputs`, into an audited `SplitProgram`."""
+    aten = lift_state(lower_to_aten(gm, inputs), specs, inputs)
+    _log("captured ATen graph", aten)
+    TaintPass(config.private)(aten)
+    FoldPublicPass()(aten)
+    LabelPass(min_gpu_flops=config.min_gpu_flops)(aten)
+    _log("labelled graph", aten)
+    partition = build_partition(aten)
+    InsertMasksPass(config.masking)(partition.boundary)
+    _log("boundary graph", partition.boundary)
+    audit(partition.boundary, config.masking, config.private)
+    program = SplitProgram(partition, config)
+    if config.masking == "none" and program.cuts:
+        log.warning("secure_split: masking='none': activations cross to the GPU in plaintext (baseline only)")
+    log.info("%s", program.report())
+    return program
+
+
+def _log(title: str, gm: fx.GraphModule) -> None:
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("%s:\n%s", title, gm.print_readable(print_output=False))

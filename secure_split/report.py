@@ -1,0 +1,97 @@
+"""The partition report: what runs where, what crosses, and how it is protected."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from secure_split.passes.flops import node_flops
+from secure_split.passes.label import is_getitem
+from secure_split.passes.meta import REASON, SIDE, TAINT
+from secure_split.passes.taint import PRIVATE
+
+if TYPE_CHECKING:
+    from .program import SplitProgram
+
+
+@dataclass
+class PartitionReport:
+    """Counts per call of one split program. `str()` is a table; `to_dict()` is JSON-ready."""
+
+    policy: str
+    masking: str
+    device: str
+    enclave_nodes: int
+    gpu_nodes: int
+    stages: int
+    round_trips: int
+    cuts: int
+    bytes_to_gpu: int
+    bytes_to_enclave: int
+    enclave_flops: int
+    gpu_flops: int
+    enclave_flop_share: float
+    protection: dict[str, int]
+    kept_in_enclave: dict[str, int]
+    calls: int
+    cut_table: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        rows = [
+            ("policy / masking", f"{self.policy} / {self.masking}"),
+            ("GPU stages run on", self.device),
+            ("nodes: enclave / gpu", f"{self.enclave_nodes} / {self.gpu_nodes}"),
+            ("stages / round trips", f"{self.stages} / {self.round_trips}"),
+            ("cuts (tensors crossing)", str(self.cuts)),
+            ("bytes to GPU / to enclave", f"{self.bytes_to_gpu:,} / {self.bytes_to_enclave:,}"),
+            ("FLOPs: enclave / gpu", f"{self.enclave_flops:,} / {self.gpu_flops:,}"),
+            ("enclave FLOP share", f"{self.enclave_flop_share:.2%}"),
+            ("protection of cuts", ", ".join(f"{k}: {v}" for k, v in sorted(self.protection.items()))),
+        ]
+        width = max(len(k) for k, _ in rows)
+        lines = ["secure_split partition report", "-" * (width + 40)]
+        lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
+        if self.kept_in_enclave:
+            lines.append("private ops kept in the enclave, by reason:")
+            lines += [f"  {n:4d}  {reason}" for reason, n in sorted(self.kept_in_enclave.items(), key=lambda x: -x[1])]
+        if "none" in self.protection:
+            lines.append("WARNING: masking='none': activations cross to the GPU in plaintext")
+        return "\n".join(lines)
+
+
+def build_report(program: SplitProgram) -> PartitionReport:
+    nodes = [n for n in program.partition.labelled.graph.nodes if n.op == "call_function" and not is_getitem(n)]
+    sides = Counter(n.meta[SIDE] for n in nodes)
+    flops = Counter()
+    for node in nodes:
+        flops[node.meta[SIDE]] += node_flops(node)
+    total = flops["enclave"] + flops["gpu"]
+    kept = Counter(n.meta[REASON] for n in nodes if n.meta[SIDE] == "enclave" and n.meta[TAINT] == PRIVATE)
+    gpu_stages = len(program.gpu_stages)
+    return PartitionReport(
+        policy=program.config.policy,
+        masking=program.config.masking,
+        device=str(program.device),
+        enclave_nodes=sides["enclave"],
+        gpu_nodes=sides["gpu"],
+        stages=len(program.partition.stages),
+        round_trips=gpu_stages,
+        cuts=len(program.cuts),
+        bytes_to_gpu=sum(c.nbytes for c in program.cuts if c.direction == "to_gpu"),
+        bytes_to_enclave=sum(c.nbytes for c in program.cuts if c.direction == "to_enclave"),
+        enclave_flops=flops["enclave"],
+        gpu_flops=flops["gpu"],
+        enclave_flop_share=flops["enclave"] / total if total else 1.0,
+        protection=dict(Counter(c.protection for c in program.cuts)),
+        kept_in_enclave=dict(kept),
+        calls=program.calls,
+        cut_table=[
+            {"index": c.index, "direction": c.direction, "stage": c.stage, "name": c.name,
+             "protection": c.protection, "shape": list(c.shape), "dtype": str(c.dtype), "bytes": c.nbytes}
+            for c in program.cuts
+        ],
+    )
