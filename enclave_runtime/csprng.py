@@ -20,10 +20,7 @@ class CSPRNG:
     """
 
     def __init__(self, seed: int | None = None) -> None:
-        if seed is None:
-            key = os.urandom(32)
-        else:
-            key = hashlib.sha256(b"secure_split/csprng/" + str(seed).encode()).digest()
+        key = os.urandom(32) if seed is None else hashlib.sha256(b"secure_split/csprng/" + str(seed).encode()).digest()
         self._stream = Cipher(algorithms.AES(key), modes.CTR(b"\x00" * 16)).encryptor()
         self.bytes_drawn = 0
 

@@ -6,7 +6,7 @@
 from .api import split
 from .backend import secure_split_backend
 from .config import SplitConfig
-from .program import SplitProgram
+from .program import SplitProgram, last_program
 from .report import PartitionReport
 from .trace import BoundaryTrace, trace_boundary
 
@@ -15,6 +15,7 @@ __all__ = [
     "PartitionReport",
     "SplitConfig",
     "SplitProgram",
+    "last_program",
     "secure_split_backend",
     "split",
     "trace_boundary",

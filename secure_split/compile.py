@@ -35,7 +35,7 @@ def compile_graph(
     InsertMasksPass(config.masking)(partition.boundary)
     _log("boundary graph", partition.boundary)
     audit(partition.boundary, config.masking, config.private)
-    program = SplitProgram(partition, config)
+    program = SplitProgram(partition, config, [s.name for s in specs if s.kind == "user"])
     if config.masking == "none" and program.cuts:
         log.warning("secure_split: masking='none': activations cross to the GPU in plaintext (baseline only)")
     log.info("%s", program.report())

@@ -8,6 +8,7 @@ term. Masks are drawn fresh for every call and dropped when the call returns.
 from __future__ import annotations
 
 import operator
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -25,13 +26,24 @@ from secure_split.runtime.gpu_executor import GpuExecutor
 from .config import SplitConfig
 from .report import PartitionReport, build_report
 
+_last_run: weakref.ref[SplitProgram] | None = None
+
+
+def last_program() -> SplitProgram:
+    """The program that ran most recently, e.g. behind a `torch.compile(backend="secure_split")` call."""
+    program = _last_run() if _last_run is not None else None
+    if program is None:
+        raise RuntimeError("no secure_split program has run yet")
+    return program
+
 
 class SplitProgram:
     """One model graph split into enclave and GPU stages, with masks at every cut. Call it like the model."""
 
-    def __init__(self, partition: PartitionResult, config: SplitConfig) -> None:
+    def __init__(self, partition: PartitionResult, config: SplitConfig, input_names: list[str]) -> None:
         self.partition = partition
         self.config = config
+        self.input_names = input_names  # where each graph input came from, e.g. "L['kwargs']['attention_mask']"
         self.boundary = partition.boundary
         self.cuts: list[Cut] = cuts(self.boundary)
         self.device = torch.device(config.device)
@@ -48,9 +60,11 @@ class SplitProgram:
 
     def run(self, *inputs: torch.Tensor) -> Any:
         """Execute on the graph's flat user inputs (what the compiled graph receives)."""
+        global _last_run
         with torch.inference_mode():
             result = _BoundaryInterpreter(self).run(*inputs)
         self.calls += 1
+        _last_run = weakref.ref(self)
         return result
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

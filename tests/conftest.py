@@ -1,0 +1,15 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles its own models; keep Dynamo's per-code recompile budget from running out."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
