@@ -80,7 +80,7 @@ def _stage_taints(
         if node.op == "call_function" and node.meta[TAINT] == PRIVATE and node.target is not operator.getitem:
             ok, reason = support.check(node)
             if not ok:
-                raise LeakError(f"{call.target}: {node.name} is not affine in its masked inputs ({reason}; invariant 2)")
+                raise LeakError(f"{call.target}: {node.name} is not affine in masked inputs ({reason}; invariant 2)")
         if node.op == "call_function" and node.meta[TAINT] == SECRET:
             raise LeakError(f"{call.target}: {node.name} computes on a private parameter (invariant 3)")
     output = next(n for n in stage.graph.nodes if n.op == "output")

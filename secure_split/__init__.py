@@ -1,23 +1,35 @@
 """secure_split: a PyTorch compiler plugin for confidential split inference.
 
     torch.compile(model, backend="secure_split", fullgraph=True, options={"masking": "float"})
+
+The public names load lazily, so that importing the untrusted `secure_split.runtime` (a GPU worker) never
+loads the trusted side (`secure_split.enclave_runtime`).
 """
 
-from .api import split
-from .backend import secure_split_backend
-from .config import SplitConfig
-from .program import SplitProgram, last_program
-from .report import PartitionReport
-from .trace import BoundaryTrace, trace_boundary
+from __future__ import annotations
 
-__all__ = [
-    "BoundaryTrace",
-    "PartitionReport",
-    "SplitConfig",
-    "SplitProgram",
-    "last_program",
-    "secure_split_backend",
-    "split",
-    "trace_boundary",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "BoundaryTrace": ".trace",
+    "PartitionReport": ".report",
+    "SplitConfig": ".config",
+    "SplitProgram": ".program",
+    "last_program": ".program",
+    "secure_split_backend": ".backend",
+    "split": ".api",
+    "trace_boundary": ".trace",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'secure_split' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

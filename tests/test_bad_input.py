@@ -1,0 +1,95 @@
+"""Bad options, dtypes and ops: a clear error, or the node stays in the enclave and the report says why."""
+
+import pytest
+import torch
+from tiny_models import tiny_inputs, tiny_model
+
+import secure_split
+from secure_split import SplitConfig
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"policy": "talaria"}, NotImplementedError, "not implemented yet"),
+        ({"policy": "magic"}, ValueError, "policy must be one of"),
+        ({"masking": "ring"}, NotImplementedError, "not implemented yet"),
+        ({"masking": "xor"}, ValueError, "masking must be one of"),
+        ({"mask_scale": 0}, ValueError, "positive"),
+        ({"seed": "abc"}, TypeError, "seed"),
+        ({"device": "tpu"}, (ValueError, RuntimeError), "device"),
+        ({"nonsense": 1}, ValueError, "unknown secure_split option"),
+    ],
+)
+def test_bad_options_are_rejected_with_the_cause(options, error, match):
+    with pytest.raises(error, match=match):
+        SplitConfig.from_options(options)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_gpu_is_an_error():
+    with pytest.raises(ValueError, match="no CUDA device"):
+        SplitConfig(device="cuda")
+
+
+def test_half_precision_stays_in_enclave_and_report_says_why():
+    model = tiny_model("bert").to(torch.float16)
+    args, kwargs = tiny_inputs("bert")
+    program = secure_split.split(model, args, kwargs, SplitConfig(seed=0))
+    report = program.report()
+    assert report.gpu_nodes == 0 and report.cuts == 0
+    assert any("float16" in reason for reason in report.kept_in_enclave)
+    with torch.no_grad():
+        ref = model(*args, **kwargs).last_hidden_state
+    torch.testing.assert_close(program(*args, **kwargs).last_hidden_state, ref)
+
+
+class OddOps(torch.nn.Module):
+    """Linear layers around ops no affine rule covers (sort, cumsum, erf): those must stay in the enclave."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(32, 32)
+        self.b = torch.nn.Linear(32, 32)
+
+    def forward(self, x):
+        h = self.a(x)
+        h = torch.sort(h, dim=-1).values + torch.cumsum(h, dim=-1) * torch.special.erf(h)
+        return self.b(h)
+
+
+def test_unsupported_ops_stay_in_enclave():
+    torch.manual_seed(0)
+    model, x = OddOps().eval(), torch.randn(4, 32)
+    program = secure_split.split(model, (x,), config=SplitConfig(seed=0))
+    torch.testing.assert_close(program(x), model(x), atol=1e-3, rtol=1e-3)
+    kept = program.report().kept_in_enclave
+    for op in ("sort", "cumsum", "erf"):
+        assert any(op in reason and "not affine" in reason for reason in kept), (op, kept)
+    assert program.report().round_trips == 2
+
+
+def test_private_weights_never_cross():
+    model = tiny_model("llama")
+    args, kwargs = tiny_inputs("llama")
+    config = SplitConfig(seed=0, private=("layers.0.mlp.*", "norm.weight"))
+    program = secure_split.split(model, args, kwargs, config)
+    with torch.no_grad():
+        ref = model(*args, **kwargs).last_hidden_state
+    torch.testing.assert_close(program(*args, **kwargs).last_hidden_state, ref, atol=5e-3, rtol=1e-3)
+    assert program.report().kept_in_enclave.get("touches a private parameter", 0) >= 3
+    private = {n.target for n in program.partition.labelled.graph.nodes
+               if n.op == "get_attr" and n.meta["secure_split.private_param"]}  # fmt: skip
+    assert private
+    for spec in program.gpu_stages:
+        held = {n.target for n in program.partition.stage_module(spec).graph.nodes if n.op == "get_attr"}
+        assert not held & private
+
+
+def test_calling_a_split_program_with_new_shapes_is_a_clear_error():
+    model = tiny_model("bert")
+    args, kwargs = tiny_inputs("bert", seq=16)
+    program = secure_split.split(model, args, kwargs, SplitConfig(seed=0))
+    args2, kwargs2 = tiny_inputs("bert", seq=8)
+    with pytest.raises(RuntimeError, match="did not run through the split program"):
+        program(*args2, **kwargs2)

@@ -1,0 +1,114 @@
+"""The leak audit refuses programs that would show the GPU a non-linear op, a plaintext value or a private weight."""
+
+import operator
+
+import pytest
+import torch
+from torch import fx
+
+from secure_split.partitioner.stages import build_partition
+from secure_split.passes.capture import classify_inputs, lift_state, lower_to_aten
+from secure_split.passes.fold_public import FoldPublicPass
+from secure_split.passes.insert_masks import InsertMasksPass, mask
+from secure_split.passes.label import GPU, LabelPass
+from secure_split.passes.leak_audit import LeakError, audit
+from secure_split.passes.meta import SIDE
+from secure_split.passes.taint import TaintPass
+
+
+def mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)).eval()
+
+
+def labelled_graph(model, x, private=()):
+    captured = []
+
+    def backend(gm, example_inputs):
+        captured.append((gm, list(example_inputs), classify_inputs(gm, example_inputs)))
+        return gm
+
+    torch.compile(model, backend=backend, fullgraph=True, dynamic=False)(x)
+    gm, inputs, specs = captured[0]  # Dynamo drops the placeholders' sources once the backend returns
+    aten = lift_state(lower_to_aten(gm, inputs), specs, inputs)
+    TaintPass(private)(aten)
+    FoldPublicPass()(aten)
+    LabelPass()(aten)
+    return aten
+
+
+def finish(aten, masking="float", private=()):
+    partition = build_partition(aten)
+    InsertMasksPass(masking)(partition.boundary)
+    audit(partition.boundary, masking, private)
+    return partition
+
+
+def node(aten, target):
+    return next(n for n in aten.graph.nodes if n.op == "call_function" and n.target == target)
+
+
+def test_honest_program_passes_the_audit():
+    aten = labelled_graph(mlp(), torch.randn(4, 16))
+    partition = finish(aten)
+    assert [s.side for s in partition.stages] == ["gpu", "enclave", "gpu"]
+
+
+def test_non_linear_op_on_gpu_is_refused():
+    aten = labelled_graph(mlp(), torch.randn(4, 16))
+    node(aten, torch.ops.aten.gelu.default).meta[SIDE] = GPU
+    with pytest.raises(LeakError, match="gelu.*invariant 2"):
+        finish(aten)
+
+
+def test_plaintext_value_on_gpu_is_refused():
+    aten = labelled_graph(mlp(), torch.randn(4, 16))
+    partition = build_partition(aten)
+    InsertMasksPass("float")(partition.boundary)
+    graph = partition.boundary.graph
+    masked = next(n for n in graph.nodes if n.target is mask)
+    masked.replace_all_uses_with(masked.args[0])  # bypass the mask: the GPU would get the raw input
+    graph.erase_node(masked)
+    with pytest.raises(LeakError, match="without a mask op"):
+        audit(partition.boundary, "float")
+
+
+def test_unmasked_crossing_is_refused_unless_masking_is_none():
+    aten = labelled_graph(mlp(), torch.randn(4, 16))
+    partition = build_partition(aten)
+    InsertMasksPass("none")(partition.boundary)
+    audit(partition.boundary, "none")
+    with pytest.raises(LeakError, match="protection 'none'.*invariant 1"):
+        audit(partition.boundary, "float")
+
+
+def test_gpu_result_used_without_unmask_is_refused():
+    aten = labelled_graph(mlp(), torch.randn(4, 16))
+    partition = build_partition(aten)
+    InsertMasksPass("float")(partition.boundary)
+    graph = partition.boundary.graph
+    back = next(n for n in graph.nodes if n.op == "call_function" and n.target.__name__ == "unmask")
+    back.replace_all_uses_with(back.args[0])
+    graph.erase_node(back)
+    with pytest.raises(LeakError, match="without passing through unmask"):
+        audit(partition.boundary, "float")
+
+
+def test_private_parameter_stays_in_enclave_and_is_refused_on_gpu():
+    private = ("0.weight",)
+    aten = labelled_graph(mlp(), torch.randn(4, 16), private)
+    first = node(aten, torch.ops.aten.addmm.default)
+    assert first.meta[SIDE] == "enclave" and "private parameter" in first.meta["secure_split.reason"]
+    finish(aten, private=private)
+    for n in aten.graph.nodes:
+        if n.op == "call_function" and n.target is not operator.getitem and n.meta[SIDE] == "enclave":
+            n.meta[SIDE] = GPU if n.target == torch.ops.aten.addmm.default else n.meta[SIDE]
+    with pytest.raises(LeakError, match="private parameter|invariant 3"):
+        finish(aten, private=private)
+
+
+def test_boundary_ops_refuse_to_run_outside_the_runtime():
+    aten = labelled_graph(mlp(), torch.randn(4, 16))
+    partition = finish(aten)
+    with pytest.raises(RuntimeError, match="outside the secure_split runtime"):
+        fx.Interpreter(partition.boundary).run(torch.randn(4, 16))
