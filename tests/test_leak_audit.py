@@ -1,7 +1,5 @@
 """The leak audit refuses programs that would show the GPU a non-linear op, a plaintext value or a private weight."""
 
-import operator
-
 import pytest
 import torch
 from torch import fx
@@ -57,7 +55,7 @@ def test_honest_program_passes_the_audit():
 def test_non_linear_op_on_gpu_is_refused():
     aten = labelled_graph(mlp(), torch.randn(4, 16))
     node(aten, torch.ops.aten.gelu.default).meta[SIDE] = GPU
-    with pytest.raises(LeakError, match="gelu.*invariant 2"):
+    with pytest.raises(LeakError, match=r"gelu.*invariant 2"):
         finish(aten)
 
 
@@ -78,7 +76,7 @@ def test_unmasked_crossing_is_refused_unless_masking_is_none():
     partition = build_partition(aten)
     InsertMasksPass("none")(partition.boundary)
     audit(partition.boundary, "none")
-    with pytest.raises(LeakError, match="protection 'none'.*invariant 1"):
+    with pytest.raises(LeakError, match=r"protection 'none'.*invariant 1"):
         audit(partition.boundary, "float")
 
 
@@ -100,10 +98,8 @@ def test_private_parameter_stays_in_enclave_and_is_refused_on_gpu():
     first = node(aten, torch.ops.aten.addmm.default)
     assert first.meta[SIDE] == "enclave" and "private parameter" in first.meta["secure_split.reason"]
     finish(aten, private=private)
-    for n in aten.graph.nodes:
-        if n.op == "call_function" and n.target is not operator.getitem and n.meta[SIDE] == "enclave":
-            n.meta[SIDE] = GPU if n.target == torch.ops.aten.addmm.default else n.meta[SIDE]
-    with pytest.raises(LeakError, match="private parameter|invariant 3"):
+    first.meta[SIDE] = GPU  # a mislabelled partition: the audit must catch it without trusting labels
+    with pytest.raises(LeakError, match=r"private parameter|invariant 3"):
         finish(aten, private=private)
 
 
