@@ -13,6 +13,7 @@ from secure_split.passes.fold_public import FoldPublicPass
 from secure_split.passes.insert_masks import InsertMasksPass
 from secure_split.passes.label import LabelPass
 from secure_split.passes.leak_audit import audit
+from secure_split.passes.meta import REASON, SIDE
 from secure_split.passes.taint import TaintPass
 
 from .config import SplitConfig
@@ -30,7 +31,7 @@ def compile_graph(
     TaintPass(config.private)(aten)
     FoldPublicPass()(aten)
     LabelPass(min_gpu_flops=config.min_gpu_flops)(aten)
-    _log("labelled graph", aten)
+    _log_labels(aten)
     partition = build_partition(aten)
     InsertMasksPass(config.masking)(partition.boundary)
     _log("boundary graph", partition.boundary)
@@ -45,3 +46,9 @@ def compile_graph(
 def _log(title: str, gm: fx.GraphModule) -> None:
     if log.isEnabledFor(logging.DEBUG):
         log.debug("%s:\n%s", title, gm.print_readable(print_output=False))
+
+
+def _log_labels(gm: fx.GraphModule) -> None:
+    if log.isEnabledFor(logging.DEBUG):
+        rows = [f"  {n.name:<32} {n.meta[SIDE] or '-':<8} {n.meta[REASON]}" for n in gm.graph.nodes if SIDE in n.meta]
+        log.debug("labelled graph:\n%s", "\n".join(rows))

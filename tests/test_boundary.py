@@ -2,11 +2,10 @@
 
 import pytest
 import torch
-from tiny_models import tiny_inputs, tiny_model
+from tiny_models import split_and_trace
 from torch import fx
 
 import secure_split
-from secure_split import SplitConfig
 
 
 def eager_activations(program, args) -> list[torch.Tensor]:
@@ -33,11 +32,7 @@ def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def crossings(name, masking):
-    model = tiny_model(name)
-    args, kwargs = tiny_inputs(name)
-    program = secure_split.split(model, args, kwargs, SplitConfig(masking=masking, seed=5))
-    with secure_split.trace_boundary() as trace:
-        program(*args, **kwargs)
+    program, trace, args, kwargs = split_and_trace(name, masking=masking, seed=5)
     inputs = [kwargs["attention_mask"] if "attention_mask" in n else args[0] for n in program.input_names]
     assert len(inputs) == 2
     return trace, eager_activations(program, inputs)
@@ -67,11 +62,7 @@ def test_unmasked_baseline_shows_activations():
 
 
 def test_trace_records_are_copies_of_what_crossed():
-    model = tiny_model("bert")
-    args, kwargs = tiny_inputs("bert")
-    program = secure_split.split(model, args, kwargs, SplitConfig(seed=0))
-    with secure_split.trace_boundary() as trace:
-        program(*args, **kwargs)
+    _, trace, _, _ = split_and_trace("bert", seed=0)
     assert {r.direction for r in trace} == {"to_gpu", "to_enclave"}
     for record in trace:
         assert record.tensor.device.type == "cpu" and isinstance(record.stage, int) and record.name

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_models import CONFIGS, tiny_inputs, tiny_model
+from tiny_models import CONFIGS, split_and_trace, tiny_inputs, tiny_model
 
 import secure_split
 from secure_split import SplitConfig
@@ -55,11 +55,7 @@ def test_repeated_calls_stay_correct_and_draw_fresh_masks():
 
 
 def test_report_counts_match_what_crossed():
-    model = tiny_model("gpt2")
-    args, kwargs = tiny_inputs("gpt2")
-    program = secure_split.split(model, args, kwargs, SplitConfig(seed=0))
-    with secure_split.trace_boundary() as trace:
-        program(*args, **kwargs)
+    program, trace, _, _ = split_and_trace("gpt2", seed=0)
     report = program.report()
     data = report.to_dict()
     for key in ("enclave_nodes", "gpu_nodes", "cuts", "round_trips", "bytes_to_gpu", "bytes_to_enclave",
@@ -75,11 +71,7 @@ def test_report_counts_match_what_crossed():
 
 
 def test_activation_read_by_several_gpu_ops_crosses_once():
-    model = tiny_model("llama")
-    args, kwargs = tiny_inputs("llama")
-    program = secure_split.split(model, args, kwargs, SplitConfig(seed=0))
-    with secure_split.trace_boundary() as trace:
-        program(*args, **kwargs)
+    program, trace, _, _ = split_and_trace("llama", seed=0)
     names = [r.name for r in trace.to_gpu()]
     assert len(names) == len(set(names))
     # Q, K and V read the same normed hidden state: one stage, one crossing for all three projections.

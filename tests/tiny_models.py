@@ -45,3 +45,15 @@ def tiny_inputs(name: str, batch: int = 2, seq: int = 16, seed: int = 1) -> tupl
     if name in DECODERS:
         kwargs["use_cache"] = False
     return (ids,), kwargs
+
+
+def split_and_trace(name: str, **config):
+    """Split a tiny model, run it once under `trace_boundary()`; returns (program, trace, args, kwargs)."""
+    import secure_split
+
+    model = tiny_model(name)
+    args, kwargs = tiny_inputs(name)
+    program = secure_split.split(model, args, kwargs, secure_split.SplitConfig(**config))
+    with secure_split.trace_boundary() as trace:
+        program(*args, **kwargs)
+    return program, trace, args, kwargs
