@@ -79,3 +79,13 @@ def test_activation_read_by_several_gpu_ops_crosses_once():
     matmuls = [n for n in first.graph.nodes if n.op == "call_function" and "mm" in str(n.target)]
     assert len(matmuls) == 3
     assert len([r for r in trace.to_gpu() if r.stage == program.gpu_stages[0].index]) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (GPU stages run on the CPU here)")
+def test_gpu_stages_on_cuda():
+    program, trace, args, kwargs = split_and_trace("llama", seed=0, device="cuda")
+    model = tiny_model("llama")
+    torch.testing.assert_close(program(*args, **kwargs).last_hidden_state, eager(model, args, kwargs),
+                               **TOLERANCE["float"])  # fmt: skip
+    assert all(r.tensor.device.type == "cpu" for r in trace)
+    assert {p.device.type for m in program.gpu.stages.values() for p in m.buffers()} == {"cuda"}
