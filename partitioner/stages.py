@@ -92,6 +92,10 @@ def build_partition(gm: fx.GraphModule) -> PartitionResult:
             StageSpec(index, side, name, tuple(i.name for i in inputs), tuple(o.name for o in outputs),
                       len(members), sum(node_flops(n) for n in members))
         )  # fmt: skip
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and any(u.op == "output" for u in node.users):  # a constant the model returns
+            _share_attr(gm, root, str(node.target))
+            env[node] = boundary.get_attr(str(node.target))
     output = next(n for n in gm.graph.nodes if n.op == "output")
     boundary.output(fx.node.map_arg(output.args[0], lambda n: env[n]))
     return PartitionResult(gm, fx.GraphModule(root, boundary, "SplitBoundary"), specs)

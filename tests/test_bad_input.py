@@ -93,3 +93,24 @@ def test_calling_a_split_program_with_new_shapes_is_a_clear_error():
     args2, kwargs2 = tiny_inputs("bert", seq=8)
     with pytest.raises(RuntimeError, match="did not run through the split program"):
         program(*args2, **kwargs2)
+
+
+class ReturnsAConstant(torch.nn.Module):
+    """Returns a value with no user data in it next to the real output (e.g. position ids)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.proj(x).relu(), self.proj.weight.t() * 2
+
+
+def test_public_outputs_are_returned_from_the_enclave():
+    torch.manual_seed(0)
+    model, x = ReturnsAConstant().eval(), torch.randn(3, 8)
+    program = secure_split.split(model, (x,), config=SplitConfig(seed=0))
+    out, const = program(x)
+    ref, ref_const = model(x)
+    torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(const, ref_const)
