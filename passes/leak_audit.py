@@ -72,9 +72,15 @@ def _stage_taints(
     args = [a.args[0] if a.target is mask else a for a in call.args]
     inputs = {p.name: taint[a] for p, a in zip(_placeholders(stage), args, strict=True)}
     TaintPass(private_globs, inputs)(stage)
+    if support is not None:
+        _check_gpu_stage(stage, call, support)
+    output = next(n for n in stage.graph.nodes if n.op == "output")
+    return [n.meta[TAINT] for n in output.args[0]]
+
+
+def _check_gpu_stage(stage: fx.GraphModule, call: fx.Node, support: AffineOperatorSupport) -> None:
+    """Invariants 2 and 3 inside one GPU stage whose taint is already computed."""
     for node in stage.graph.nodes:
-        if support is None:
-            break
         if node.op == "get_attr" and node.meta.get(PRIVATE_PARAM):
             raise LeakError(f"{call.target}: private parameter {node.target!r} is on the GPU (invariant 3)")
         if node.op == "call_function" and node.meta[TAINT] == PRIVATE and node.target is not operator.getitem:
@@ -83,8 +89,6 @@ def _stage_taints(
                 raise LeakError(f"{call.target}: {node.name} is not affine in masked inputs ({reason}; invariant 2)")
         if node.op == "call_function" and node.meta[TAINT] == SECRET:
             raise LeakError(f"{call.target}: {node.name} computes on a private parameter (invariant 3)")
-    output = next(n for n in stage.graph.nodes if n.op == "output")
-    return [n.meta[TAINT] for n in output.args[0]]
 
 
 def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:

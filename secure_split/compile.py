@@ -26,13 +26,7 @@ def compile_graph(
     gm: fx.GraphModule, specs: list[InputSpec], inputs: list[Any], config: SplitConfig
 ) -> SplitProgram:
     """Split one Dynamo graph, specialized to the shapes of `inputs`, into an audited `SplitProgram`."""
-    aten = lift_state(lower_to_aten(gm, inputs), specs, inputs)
-    _log("captured ATen graph", aten)
-    TaintPass(config.private)(aten)
-    FoldPublicPass()(aten)
-    LabelPass(min_gpu_flops=config.min_gpu_flops)(aten)
-    _log_labels(aten)
-    partition = build_partition(aten)
+    partition = build_partition(label_graph(gm, specs, inputs, config))
     InsertMasksPass(config.masking)(partition.boundary)
     _log("boundary graph", partition.boundary)
     audit(partition.boundary, config.masking, config.private)
@@ -41,6 +35,17 @@ def compile_graph(
         log.warning("secure_split: masking='none': activations cross to the GPU in plaintext (baseline only)")
     log.info("%s", program.report())
     return program
+
+
+def label_graph(gm: fx.GraphModule, specs: list[InputSpec], inputs: list[Any], config: SplitConfig) -> fx.GraphModule:
+    """Capture, taint, fold and label: the ATen graph with every node tagged enclave or gpu."""
+    aten = lift_state(lower_to_aten(gm, inputs), specs, inputs)
+    _log("captured ATen graph", aten)
+    TaintPass(config.private)(aten)
+    FoldPublicPass()(aten)
+    LabelPass(min_gpu_flops=config.min_gpu_flops)(aten)
+    _log_labels(aten)
+    return aten
 
 
 def _log(title: str, gm: fx.GraphModule) -> None:

@@ -50,6 +50,7 @@ class SplitProgram:
         self.masking = make_masking(config.masking, CSPRNG(config.seed), config.mask_scale)
         self.channel = Channel(self.device)
         self.gpu = GpuExecutor({s.module_name: partition.stage_module(s) for s in self.gpu_stages}, self.device)
+        self._gpu_spec = {s.module_name: s for s in self.gpu_stages}
         self.calls = 0
         self._zero_terms: dict[str, tuple[torch.Tensor, ...]] = {}
         self._entry: Callable[..., Any] | None = None
@@ -129,15 +130,15 @@ class _BoundaryInterpreter(fx.Interpreter):
         if cut.protection in ("public", "none"):
             return received
         item = n.args[0]
-        call, index = item.args[0], item.args[1]
         assert item.target is operator.getitem
+        call, index = item.args[0], item.args[1]
         if call not in self.terms:
             self.terms[call] = self._unmask_terms(call)
         return self.program.masking.reveal(received, self.terms[call][index])
 
     def _unmask_terms(self, call: fx.Node) -> tuple[torch.Tensor, ...]:
         """L(r) = f(r) - f(0) for every output of one GPU stage call, computed in the enclave."""
-        spec = next(s for s in self.program.gpu_stages if s.module_name == call.target)
+        spec = self.program._gpu_spec[str(call.target)]
         held = [self.masks[a] for a in call.args]
         with_masks = self.program.partition.stage_module(spec)(*[v for _, v in held])
         zeros = self.program.zero_terms(spec, held)

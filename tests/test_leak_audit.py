@@ -4,14 +4,14 @@ import pytest
 import torch
 from torch import fx
 
+from secure_split.compile import label_graph
+from secure_split.config import SplitConfig
 from secure_split.partitioner.stages import build_partition
-from secure_split.passes.capture import classify_inputs, lift_state, lower_to_aten
-from secure_split.passes.fold_public import FoldPublicPass
+from secure_split.passes.capture import classify_inputs
 from secure_split.passes.insert_masks import InsertMasksPass, mask
-from secure_split.passes.label import GPU, LabelPass
+from secure_split.passes.label import GPU
 from secure_split.passes.leak_audit import LeakError, audit
 from secure_split.passes.meta import SIDE
-from secure_split.passes.taint import TaintPass
 
 
 def mlp() -> torch.nn.Module:
@@ -28,11 +28,7 @@ def labelled_graph(model, x, private=()):
 
     torch.compile(model, backend=backend, fullgraph=True, dynamic=False)(x)
     gm, inputs, specs = captured[0]  # Dynamo drops the placeholders' sources once the backend returns
-    aten = lift_state(lower_to_aten(gm, inputs), specs, inputs)
-    TaintPass(private)(aten)
-    FoldPublicPass()(aten)
-    LabelPass()(aten)
-    return aten
+    return label_graph(gm, specs, inputs, SplitConfig(private=private))
 
 
 def finish(aten, masking="float", private=()):
