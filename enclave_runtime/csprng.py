@@ -28,6 +28,11 @@ class CSPRNG:
         self.bytes_drawn += n
         return self._stream.update(b"\x00" * n)
 
+    def integers(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """int64 values uniform over Z_2^64 (every bit from the keystream)."""
+        words = np.frombuffer(self.random_bytes(8 * math.prod(shape)), dtype=np.int64)
+        return torch.from_numpy(words.copy()).reshape(shape)
+
     def uniform(self, n: int) -> torch.Tensor:
         """n float32 values uniform in (0, 1], from 24 random bits each (float32's full precision)."""
         words = np.frombuffer(self.random_bytes(4 * n), dtype=np.uint32) >> np.uint32(8)

@@ -1,7 +1,8 @@
-"""Masking schemes: how the enclave hides a value before it crosses to the GPU, and recovers the result.
+"""Masking schemes: how the enclave encodes and hides a value before it crosses to the GPU, and recovers results.
 
-A GPU stage f is affine in its masked inputs, f(x + r) = f(x) + L(r), so the enclave subtracts the unmask term
-L(r) = f(r) - f(0), which it computes itself from the masks (Slalom's idea).
+A GPU stage f is affine in its masked inputs, f(x + r) = f(x) + L(r), so the enclave subtracts the unmask
+term L(r) = f(r) - f(0), which it computes itself from the masks (Slalom's idea), ahead of time if it likes.
+`ring` makes this exact: values are fixed-point integers in Z_2^64 and masks are uniform there (a one-time pad).
 """
 
 from __future__ import annotations
@@ -11,21 +12,56 @@ from typing import Protocol
 import torch
 
 from .csprng import CSPRNG
+from .fixed_point import check_bound, decode, encode
 
 
 class MaskingScheme(Protocol):
     name: str
 
-    def draw(self, like: torch.Tensor) -> torch.Tensor:
-        """A fresh mask shaped like `like`; never returned twice."""
+    def encode(self, value: torch.Tensor, name: str) -> torch.Tensor:
+        """The enclave value as the GPU computes on it (unmasked)."""
         ...
 
-    def hide(self, value: torch.Tensor, mask: torch.Tensor) -> torch.Tensor: ...
+    def decode(self, value: torch.Tensor, bits: int | None, dtype: torch.dtype) -> torch.Tensor: ...
 
-    def reveal(self, value: torch.Tensor, term: torch.Tensor) -> torch.Tensor: ...
+    def draw(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A fresh mask in the wire domain; never returned twice."""
+        ...
 
 
-class FloatMasking:
+class RingMasking:
+    """Fixed-point values in Z_2^64 under uniform one-time pads: perfect hiding, bit-exact unmasking."""
+
+    name = "ring"
+
+    def __init__(self, rng: CSPRNG, frac_bits: int, activation_bound: float) -> None:
+        self.rng = rng
+        self.frac_bits = frac_bits
+        self.activation_bound = activation_bound
+
+    def encode(self, value: torch.Tensor, name: str) -> torch.Tensor:
+        check_bound(value, self.activation_bound, name)
+        return encode(value, self.frac_bits)
+
+    def decode(self, value: torch.Tensor, bits: int | None, dtype: torch.dtype) -> torch.Tensor:
+        assert bits is not None, "a ring value decodes with the fractional bits its GPU stage produced"
+        return decode(value, bits, dtype)
+
+    def draw(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return self.rng.integers(shape)
+
+
+class _FloatingPoint:
+    """Values cross in their own dtype, unencoded."""
+
+    def encode(self, value: torch.Tensor, name: str) -> torch.Tensor:
+        return value
+
+    def decode(self, value: torch.Tensor, bits: int | None, dtype: torch.dtype) -> torch.Tensor:
+        return value
+
+
+class FloatMasking(_FloatingPoint):
     """Additive Gaussian masks in floating point: statistical hiding, error growing with `scale`."""
 
     name = "float"
@@ -34,35 +70,38 @@ class FloatMasking:
         self.rng = rng
         self.scale = scale
 
-    def draw(self, like: torch.Tensor) -> torch.Tensor:
-        # Same strides as the value: the stage graph's views were traced against that layout.
-        return torch.empty_like(like).copy_(self.rng.gaussian(tuple(like.shape), self.scale, like.dtype))
-
-    def hide(self, value: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return value + mask
-
-    def reveal(self, value: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
-        return value - term
+    def draw(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return self.rng.gaussian(shape, self.scale, dtype)
 
 
-class NoMasking:
-    """Plaintext crossing: a baseline, reported as unprotected."""
+class NoMasking(_FloatingPoint):
+    """Plaintext crossing: a baseline, reported as unprotected. It draws no masks."""
 
     name = "none"
 
-    def draw(self, like: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(like)
-
-    def hide(self, value: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return value
-
-    def reveal(self, value: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
-        return value
+    def draw(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        raise RuntimeError("masking='none' draws no masks")
 
 
-def make_masking(name: str, rng: CSPRNG, scale: float) -> MaskingScheme:
+def wire_dtype(masking: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a value of `dtype` has on the wire: ring carries floating-point values as int64."""
+    return torch.int64 if masking == "ring" and dtype.is_floating_point else dtype
+
+
+def hide(value: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """value + mask (wrapping in Z_2^64 for int64), in the mask's layout, which is the one the stage was traced on."""
+    return torch.add(value, mask, out=torch.empty_like(mask))
+
+
+def reveal(value: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
+    return torch.sub(value, term, out=torch.empty_like(value))
+
+
+def make_masking(name: str, rng: CSPRNG, mask_scale: float, frac_bits: int, activation_bound: float) -> MaskingScheme:
+    if name == "ring":
+        return RingMasking(rng, frac_bits, activation_bound)
     if name == "float":
-        return FloatMasking(rng, scale)
+        return FloatMasking(rng, mask_scale)
     if name == "none":
         return NoMasking()
     raise ValueError(f"no masking scheme named {name!r}")

@@ -15,6 +15,8 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from secure_split.enclave_runtime.masking import wire_dtype
+
 from .label import GPU
 from .meta import CUT, SIDE, STAGE, TAINT
 from .taint import PUBLIC
@@ -30,11 +32,28 @@ class Cut:
     name: str
     protection: str  # the masking scheme, "none", or "public" (a value that holds no user data)
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: torch.dtype  # on the wire (ring: int64)
+    stride: tuple[int, ...]  # the layout the stages were traced with
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
+
+    def empty(self) -> torch.Tensor:
+        """An uninitialised tensor in the traced layout (contiguous if that layout overlaps itself)."""
+        if not _non_overlapping(self.shape, self.stride):
+            return torch.empty(self.shape, dtype=self.dtype)
+        return torch.empty_strided(self.shape, self.stride, dtype=self.dtype)
+
+
+def _non_overlapping(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    dims = sorted((st, sz) for sz, st in zip(shape, stride, strict=True) if sz > 1)
+    reach = 1
+    for st, sz in dims:
+        if st < reach:
+            return False
+        reach = st * sz
+    return True
 
 
 def mask(value: torch.Tensor) -> torch.Tensor:
@@ -86,4 +105,5 @@ class InsertMasksPass(PassBase):
     def _cut(self, index: int, direction: str, stage: int, value: fx.Node) -> Cut:
         val = value.meta["val"]
         protection = "public" if value.meta[TAINT] == PUBLIC else self.masking
-        return Cut(index, direction, stage, value.name, protection, tuple(int(s) for s in val.shape), val.dtype)
+        shape, stride = tuple(int(s) for s in val.shape), tuple(int(s) for s in val.stride())
+        return Cut(index, direction, stage, value.name, protection, shape, wire_dtype(self.masking, val.dtype), stride)

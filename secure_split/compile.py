@@ -7,13 +7,14 @@ from typing import Any
 
 from torch import fx
 
-from secure_split.partitioner.stages import build_partition
+from secure_split.partitioner.stages import PartitionResult, build_partition
 from secure_split.passes.capture import InputSpec, lift_state, lower_to_aten
 from secure_split.passes.fold_public import FoldPublicPass
 from secure_split.passes.insert_masks import InsertMasksPass
 from secure_split.passes.label import LabelPass
 from secure_split.passes.leak_audit import audit
 from secure_split.passes.meta import REASON, SIDE
+from secure_split.passes.ring_lower import RingLowerPass
 from secure_split.passes.taint import TaintPass
 
 from .config import SplitConfig
@@ -30,11 +31,23 @@ def compile_graph(
     InsertMasksPass(config.masking)(partition.boundary)
     _log("boundary graph", partition.boundary)
     audit(partition.boundary, config.masking, config.private)
+    if config.masking == "ring":
+        _lower_to_ring(partition, config)
     program = SplitProgram(partition, config, [s.name for s in specs if s.kind == "user"])
     if config.masking == "none" and program.cuts:
         log.warning("secure_split: masking='none': activations cross to the GPU in plaintext (baseline only)")
     log.info("%s", program.report())
     return program
+
+
+def _lower_to_ring(partition: PartitionResult, config: SplitConfig) -> None:
+    """Replace every (audited) GPU stage by its exact Z_2^64 version."""
+    lower = RingLowerPass(config.frac_bits, config.activation_bound, config.ring_kernel)
+    for spec in partition.stages:
+        if spec.side == "gpu":
+            lowered = lower(partition.stage_module(spec)).graph_module
+            partition.boundary.add_submodule(spec.module_name, lowered)
+            _log(f"{spec.module_name} in Z_2^64", lowered)
 
 
 def label_graph(gm: fx.GraphModule, specs: list[InputSpec], inputs: list[Any], config: SplitConfig) -> fx.GraphModule:

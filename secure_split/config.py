@@ -10,8 +10,10 @@ import torch
 
 POLICIES_IMPLEMENTED = ("secureinfer",)
 POLICIES_PLANNED = ("talaria", "cmif", "auto")
-MASKINGS_IMPLEMENTED = ("float", "none")
-MASKINGS_PLANNED = ("ring", "remo")
+MASKINGS_IMPLEMENTED = ("ring", "float", "none")
+MASKINGS_PLANNED = ("remo",)
+RING_KERNELS = ("auto", "int64", "limbs")
+POOL_EMPTY = ("online", "raise")
 
 
 @dataclass(frozen=True)
@@ -19,9 +21,17 @@ class SplitConfig:
     """Every option of the compiler and its runtime.
 
     policy: which nodes the enclave keeps (DESIGN.md, "policies").
-    masking: how values crossing to the GPU are hidden: "float" (additive Gaussian one-time masks) or "none"
-        (plaintext; a baseline only, and the report says so).
+    masking: how values crossing to the GPU are hidden: "ring" (fixed-point values in Z_2^64 under uniform
+        one-time pads: perfect hiding, exact unmasking), "float" (additive Gaussian masks: statistical hiding)
+        or "none" (plaintext; a baseline only, and the report says so).
     mask_scale: standard deviation of the float masks. Larger hides better and costs precision.
+    frac_bits: ring masking's fixed-point precision: a value x travels as round(x·2^frac_bits).
+    activation_bound: ring masking's declared bound on |x| for every value sent to the GPU. The compiler proves
+        from it and the weights that no GPU integer overflows; a larger value at run time is an error.
+    ring_kernel: how GPU stages multiply in Z_2^64: "auto" (int64 on the CPU, float64 16-bit limbs on CUDA,
+        which has no int64 GEMM), "int64" or "limbs" (any device; slower on the CPU, exact everywhere).
+    pool_empty: what a call does when the offline pool (`SplitProgram.precompute`) is empty: "online"
+        (make its masks and unmask terms on the spot) or "raise".
     device: where GPU stages run; None picks "cuda" when available, else "cpu".
     seed: None draws a fresh CSPRNG key; an int makes the mask stream reproducible (tests, benchmarks).
     private: parameter-name globs (e.g. "*lora_*") whose parameters never leave the enclave.
@@ -29,8 +39,12 @@ class SplitConfig:
     """
 
     policy: str = "secureinfer"
-    masking: str = "float"
+    masking: str = "ring"
     mask_scale: float = 100.0
+    frac_bits: int = 16
+    activation_bound: float = 4096.0
+    ring_kernel: str = "auto"
+    pool_empty: str = "online"
     device: str | None = None
     seed: int | None = None
     private: tuple[str, ...] = field(default_factory=tuple)
@@ -41,6 +55,12 @@ class SplitConfig:
         _check_choice("masking", self.masking, MASKINGS_IMPLEMENTED, MASKINGS_PLANNED)
         if not (isinstance(self.mask_scale, int | float) and self.mask_scale > 0):
             raise ValueError(f"SplitConfig.mask_scale must be a positive number, got {self.mask_scale!r}")
+        _check_choice("ring_kernel", self.ring_kernel, RING_KERNELS, ())
+        _check_choice("pool_empty", self.pool_empty, POOL_EMPTY, ())
+        if not (isinstance(self.frac_bits, int) and 0 <= self.frac_bits <= 30):
+            raise ValueError(f"SplitConfig.frac_bits must be an int in [0, 30], got {self.frac_bits!r}")
+        if not (isinstance(self.activation_bound, int | float) and 0 < self.activation_bound < 2.0**62):
+            raise ValueError(f"SplitConfig.activation_bound must be a positive number, got {self.activation_bound!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise TypeError(f"SplitConfig.seed must be an int or None, got {type(self.seed).__name__}")
         if isinstance(self.private, str):

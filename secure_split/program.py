@@ -1,25 +1,32 @@
 """`SplitProgram`: a compiled split of one graph, and the trusted runtime that executes it.
 
 The program interprets the boundary graph: enclave stages run here on the CPU, GPU stages run in the
-`GpuExecutor` behind the `Channel`, `mask` nodes hide and send, `unmask` nodes receive and subtract the unmask
-term. Masks are drawn fresh for every call and dropped when the call returns.
+`GpuExecutor` behind the `Channel`, `mask` nodes encode, hide and send, `unmask` nodes receive, subtract the
+unmask term and decode. A call's keys (its masks and their unmask terms) come from the offline pool filled by
+`precompute()`, or are made on the spot when the pool is empty (`SplitConfig.pool_empty`); either way they are
+used by that call only and destroyed after it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import operator
 import weakref
 from collections.abc import Callable
+from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import fx
 
 from secure_split.enclave_runtime.csprng import CSPRNG
-from secure_split.enclave_runtime.masking import make_masking
+from secure_split.enclave_runtime.masking import MaskingScheme, hide, make_masking, reveal
+from secure_split.enclave_runtime.pool import CallKeys, KeyPool
 from secure_split.partitioner.stages import PartitionResult, StageSpec
 from secure_split.passes.insert_masks import Cut, cuts, mask, unmask
 from secure_split.passes.meta import CUT, SIDE
+from secure_split.passes.ring_lower import RING_BITS
 from secure_split.runtime.channel import Channel
 from secure_split.runtime.gpu_executor import GpuExecutor
 
@@ -37,6 +44,10 @@ def last_program() -> SplitProgram:
     return program
 
 
+class PoolEmptyError(RuntimeError):
+    """The offline pool is empty and `SplitConfig.pool_empty` is "raise"."""
+
+
 class SplitProgram:
     """One model graph split into enclave and GPU stages, with masks at every cut. Call it like the model."""
 
@@ -47,12 +58,17 @@ class SplitProgram:
         self.boundary = partition.boundary
         self.cuts: list[Cut] = cuts(self.boundary)
         self.device = torch.device(config.device)
-        self.masking = make_masking(config.masking, CSPRNG(config.seed), config.mask_scale)
+        rng = CSPRNG(config.seed)
+        self.masking = make_masking(config.masking, rng, config.mask_scale, config.frac_bits, config.activation_bound)
         self.channel = Channel(self.device)
         self.gpu = GpuExecutor({s.module_name: partition.stage_module(s) for s in self.gpu_stages}, self.device)
-        self._gpu_spec = {s.module_name: s for s in self.gpu_stages}
+        self.pool = KeyPool()
         self.calls = 0
-        self._zero_terms: dict[str, tuple[torch.Tensor, ...]] = {}
+        self.pool_calls = 0  # calls whose keys came from the pool
+        self.online_calls = 0  # calls whose keys were made on the spot
+        self._gpu_calls = [n for n in self.boundary.graph.nodes if n.op == "call_module" and n.meta[SIDE] == "gpu"]
+        self._masked = [n for n in self.boundary.graph.nodes if n.target is mask and _is_masked(n.meta[CUT])]
+        self._zero_outputs: dict[str, tuple[torch.Tensor, ...]] = {}
         self._entry: Callable[..., Any] | None = None
 
     @property
@@ -63,7 +79,12 @@ class SplitProgram:
         """Execute on the graph's flat user inputs (what the compiled graph receives)."""
         global _last_run
         with torch.inference_mode():
-            result = _BoundaryInterpreter(self).run(*inputs)
+            keys = self._keys_for_call()
+            try:
+                result = _BoundaryInterpreter(self, keys).run(*inputs)
+            finally:
+                if keys is not None:
+                    keys.destroy()
         self.calls += 1
         _last_run = weakref.ref(self)
         return result
@@ -85,22 +106,100 @@ class SplitProgram:
     def report(self) -> PartitionReport:
         return build_report(self)
 
-    def zero_terms(self, spec: StageSpec, held: list[tuple[str, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
-        """f(0) for a GPU stage: its constant part, the same for every call of this shape."""
-        if spec.module_name not in self._zero_terms:
-            inputs = [v if kind == "public" else torch.zeros_like(v) for kind, v in held]
-            self._zero_terms[spec.module_name] = tuple(self.partition.stage_module(spec)(*inputs))
-        return self._zero_terms[spec.module_name]
+    # -- the offline pool ------------------------------------------------------------------------------------
+
+    def precompute(self, n_calls: int) -> int:
+        """Fill the pool with keys for `n_calls` more calls (Slalom's offline phase); returns the pool's size."""
+        if self.config.masking == "none":
+            raise ValueError("masking='none' uses no masks: there is nothing to precompute")
+        if n_calls < 0:
+            raise ValueError(f"precompute needs a number of calls >= 0, got {n_calls}")
+        with torch.inference_mode():
+            for _ in range(n_calls):
+                self.pool.add(self._make_keys())
+        return len(self.pool)
+
+    def save_pool(self, path: str | Path) -> int:
+        """Seal the pool to `path` (AES-GCM, enclave-held key) and empty it; returns the number of calls saved."""
+        return self.pool.save(path, self.fingerprint)
+
+    def load_pool(self, path: str | Path) -> int:
+        """Load a sealed pool; a tampered, foreign or replayed file raises `PoolError`. Returns the count."""
+        return self.pool.load(path, self.fingerprint)
+
+    @cached_property
+    def fingerprint(self) -> bytes:
+        """What a pool is bound to: the boundary, every stage's code, and the GPU stages' public constants."""
+        digest = hashlib.sha256(repr(self.cuts).encode() + self.boundary.code.encode())
+        for spec in self.partition.stages:
+            stage = self.partition.stage_module(spec)
+            digest.update(stage.code.encode())
+            if spec.side == "gpu":
+                for name, buffer in stage.named_buffers():
+                    digest.update(name.encode() + buffer.contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.digest()
+
+    def _keys_for_call(self) -> CallKeys | None:
+        if self.config.masking == "none":
+            return None
+        keys = self.pool.take()
+        if keys is not None:
+            self.pool_calls += 1
+        elif self.config.pool_empty == "raise":
+            raise PoolEmptyError(
+                "the unmask-term pool is empty and SplitConfig.pool_empty='raise': call program.precompute(n) "
+                "before running, or use pool_empty='online'"
+            )
+        else:
+            keys = self._make_keys()
+            self.online_calls += 1
+        self.pool.mark_used(keys)
+        return keys
+
+    def _make_keys(self) -> CallKeys:
+        """Fresh masks for every masked cut of one call, and the unmask terms of every GPU stage call."""
+        masks = {n.name: _draw(self.masking, n.meta[CUT]) for n in self._masked}
+        terms = {}
+        for call in self._gpu_calls:
+            if all(_is_masked(a.meta[CUT]) for a in call.args):
+                terms[call.name] = self.unmask_terms(call, [masks[a.name] for a in call.args], cache=True)
+        return CallKeys(self.pool.new_serial(), masks, terms)
+
+    def unmask_terms(self, call: fx.Node, held: list[torch.Tensor], cache: bool) -> tuple[torch.Tensor, ...]:
+        """L(r) = f(r) - f(0) for each output of one GPU stage call; `held` has masks, and public inputs as sent."""
+        stage = self.boundary.get_submodule(str(call.target))
+        f0 = self._zero_outputs.get(call.name) if cache else None
+        if f0 is None:
+            pairs = zip(call.args, held, strict=True)
+            zeros = [a.meta[CUT].empty().zero_() if _is_masked(a.meta[CUT]) else v for a, v in pairs]
+            f0 = tuple(stage(*zeros))
+            if cache:
+                self._zero_outputs[call.name] = f0
+        return tuple(reveal(fr, z) for fr, z in zip(stage(*held), f0, strict=True))
+
+    def output_bits(self, call: fx.Node, index: int) -> int | None:
+        """The fractional bits of a GPU stage output (ring masking), else None."""
+        bits = self.boundary.get_submodule(str(call.target)).meta.get(RING_BITS)
+        return None if bits is None else bits[index]
+
+
+def _draw(masking: MaskingScheme, cut: Cut) -> torch.Tensor:
+    """A fresh mask for `cut`, in the layout the GPU stage was traced with (its views depend on it)."""
+    return cut.empty().copy_(masking.draw(cut.shape, cut.dtype))
+
+
+def _is_masked(cut: Cut) -> bool:
+    return cut.protection not in ("public", "none")
 
 
 class _BoundaryInterpreter(fx.Interpreter):
-    """Executes one call of the boundary graph, holding this call's masks."""
+    """Executes one call of the boundary graph with that call's keys."""
 
-    def __init__(self, program: SplitProgram) -> None:
+    def __init__(self, program: SplitProgram, keys: CallKeys | None) -> None:
         super().__init__(program.boundary, garbage_collect_values=True)
         self.program = program
-        self.masks: dict[fx.Node, tuple[str, torch.Tensor]] = {}
-        self.terms: dict[fx.Node, tuple[torch.Tensor, ...]] = {}
+        self.keys = keys
+        self.public: dict[str, torch.Tensor] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         if n.op == "call_function" and n.target is mask:
@@ -114,32 +213,28 @@ class _BoundaryInterpreter(fx.Interpreter):
 
     def _mask(self, n: fx.Node, value: torch.Tensor) -> torch.Tensor:
         cut: Cut = n.meta[CUT]
-        masking = self.program.masking
-        if cut.protection == "public":
-            self.masks[n] = ("public", value)
-            hidden = value
+        if value.is_floating_point():
+            value = self.program.masking.encode(value, cut.name)
+        if _is_masked(cut):
+            assert self.keys is not None
+            value = hide(value, self.keys.masks[n.name])
         else:
-            r = masking.draw(value)
-            self.masks[n] = ("mask", r)
-            hidden = masking.hide(value, r)
-        return self.program.channel.to_gpu(cut.stage, cut.name, hidden)
+            self.public[n.name] = value
+        return self.program.channel.to_gpu(cut.stage, cut.name, value)
 
     def _unmask(self, n: fx.Node, value: torch.Tensor) -> torch.Tensor:
         cut: Cut = n.meta[CUT]
         received = self.program.channel.to_enclave(cut.stage, cut.name, value)
-        if cut.protection in ("public", "none"):
-            return received
         item = n.args[0]
         assert item.target is operator.getitem
         call, index = item.args[0], item.args[1]
-        if call not in self.terms:
-            self.terms[call] = self._unmask_terms(call)
-        return self.program.masking.reveal(received, self.terms[call][index])
+        if _is_masked(cut):
+            received = reveal(received, self._terms(call)[index])
+        return self.program.masking.decode(received, self.program.output_bits(call, index), n.meta["val"].dtype)
 
-    def _unmask_terms(self, call: fx.Node) -> tuple[torch.Tensor, ...]:
-        """L(r) = f(r) - f(0) for every output of one GPU stage call, computed in the enclave."""
-        spec = self.program._gpu_spec[str(call.target)]
-        held = [self.masks[a] for a in call.args]
-        with_masks = self.program.partition.stage_module(spec)(*[v for _, v in held])
-        zeros = self.program.zero_terms(spec, held)
-        return tuple(fr - f0 for fr, f0 in zip(with_masks, zeros, strict=True))
+    def _terms(self, call: fx.Node) -> tuple[torch.Tensor, ...]:
+        assert self.keys is not None
+        if call.name not in self.keys.terms:  # a stage with a public input: its terms depend on that input
+            held = [self.keys.masks[a.name] if _is_masked(a.meta[CUT]) else self.public[a.name] for a in call.args]
+            self.keys.terms[call.name] = self.program.unmask_terms(call, held, cache=False)
+        return self.keys.terms[call.name]

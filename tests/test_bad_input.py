@@ -13,7 +13,10 @@ from secure_split import SplitConfig
     [
         ({"policy": "talaria"}, NotImplementedError, "not implemented yet"),
         ({"policy": "magic"}, ValueError, "policy must be one of"),
-        ({"masking": "ring"}, NotImplementedError, "not implemented yet"),
+        ({"masking": "remo"}, NotImplementedError, "not implemented yet"),
+            ({"frac_bits": 40}, ValueError, "frac_bits"),
+            ({"pool_empty": "maybe"}, ValueError, "pool_empty must be one of"),
+            ({"ring_kernel": "gpu"}, ValueError, "ring_kernel must be one of"),
         ({"masking": "xor"}, ValueError, "masking must be one of"),
         ({"mask_scale": 0}, ValueError, "positive"),
         ({"seed": "abc"}, TypeError, "seed"),

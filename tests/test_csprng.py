@@ -5,7 +5,8 @@ import math
 import torch
 
 from secure_split.enclave_runtime.csprng import CSPRNG
-from secure_split.enclave_runtime.masking import FloatMasking
+from secure_split.enclave_runtime.masking import FloatMasking, RingMasking
+from secure_split.passes.insert_masks import Cut
 
 
 def test_seeded_streams_reproduce_and_unseeded_differ():
@@ -18,10 +19,9 @@ def test_draws_never_repeat():
     rng = CSPRNG(0)
     a, b = rng.random_bytes(4096), rng.random_bytes(4096)
     assert a != b and rng.bytes_drawn == 8192
-    masking = FloatMasking(CSPRNG(0), scale=3.0)
-    like = torch.zeros(64, 64)
-    m1, m2 = masking.draw(like), masking.draw(like)
-    assert not torch.equal(m1, m2)
+    for masking in (FloatMasking(CSPRNG(0), scale=3.0), RingMasking(CSPRNG(0), 16, 1.0)):
+        m1, m2 = masking.draw((64, 64), torch.float32), masking.draw((64, 64), torch.float32)
+        assert not torch.equal(m1, m2)
 
 
 def test_gaussian_moments():
@@ -40,7 +40,10 @@ def test_keystream_bytes_are_uniform():
     assert chi2 < 330  # 255 degrees of freedom: p ≈ 0.001
 
 
-def test_masks_keep_the_value_layout():
+def test_masks_take_the_traced_layout():
     value = torch.randn(4, 8).t()  # non-contiguous, as stage graphs may expect
-    r = FloatMasking(CSPRNG(0), 1.0).draw(value)
-    assert r.stride() == value.stride()
+    cut = Cut(0, "to_gpu", 1, "x", "ring", tuple(value.shape), torch.int64, value.stride())
+    assert cut.empty().stride() == value.stride()
+    expanded = torch.randn(4, 1).expand(4, 8)  # overlapping: a mask there would repeat, so it is made dense
+    cut = Cut(0, "to_gpu", 1, "x", "ring", tuple(expanded.shape), torch.int64, expanded.stride())
+    assert cut.empty().is_contiguous()

@@ -14,6 +14,7 @@ def minilm():
 
 
 def test_minilm_torch_compile_embeddings_match(minilm):
+    """The default (ring masking) through torch.compile."""
     model, tokenizer = minilm
     batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -26,7 +27,7 @@ def test_minilm_torch_compile_embeddings_match(minilm):
     assert len(trace.to_gpu()) > 0
 
 
-@pytest.mark.parametrize("masking", ["none", "float"])
+@pytest.mark.parametrize("masking", ["none", "float", "ring"])
 def test_minilm_split_report(minilm, masking):
     model, tokenizer = minilm
     batch = dict(tokenizer(SENTENCES[:2], padding=True, return_tensors="pt"))

@@ -6,9 +6,16 @@ from tiny_models import CONFIGS, split_and_trace, tiny_inputs, tiny_model
 
 import secure_split
 from secure_split import SplitConfig
+from secure_split.runtime.ring_kernels import ring_product
 
-# Float masks (std 100) cost precision: measured max abs error ≤ 2.1e-3 on these models' hidden states.
-TOLERANCE = {"none": dict(atol=1e-5, rtol=1e-5), "float": dict(atol=5e-3, rtol=1e-3)}
+# Float masks (std 100) cost precision: measured max abs error ≤ 2.1e-3 on these models' hidden states. Ring
+# masking is exact; its fixed-point rounding (frac_bits=16) gives ≤ 1.5e-3 here (these random tiny models'
+# LayerNorms amplify input error ~50x; BERT-like ones stay ≤ 4e-5).
+TOLERANCE = {
+    "none": dict(atol=1e-5, rtol=1e-5),
+    "float": dict(atol=5e-3, rtol=1e-3),
+    "ring": dict(atol=5e-3, rtol=1e-3),
+}
 
 
 def eager(model, args, kwargs):
@@ -16,7 +23,7 @@ def eager(model, args, kwargs):
         return model(*args, **kwargs).last_hidden_state
 
 
-@pytest.mark.parametrize("masking", ["none", "float"])
+@pytest.mark.parametrize("masking", ["none", "float", "ring"])
 @pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
 def test_split_matches_eager(name, masking):
     model = tiny_model(name)
@@ -36,7 +43,7 @@ def test_other_families(name):
     args, kwargs = tiny_inputs(name)
     program = secure_split.split(model, args, kwargs, SplitConfig(seed=0))
     out = program(*args, **kwargs).last_hidden_state
-    torch.testing.assert_close(out, eager(model, args, kwargs), **TOLERANCE["float"])
+    torch.testing.assert_close(out, eager(model, args, kwargs), **TOLERANCE["ring"])
     assert program.report().round_trips > 0
 
 
@@ -48,7 +55,7 @@ def test_repeated_calls_stay_correct_and_draw_fresh_masks():
     seen = []
     for _ in range(3):
         with secure_split.trace_boundary() as trace:
-            torch.testing.assert_close(program(*args, **kwargs).last_hidden_state, ref, **TOLERANCE["float"])
+            torch.testing.assert_close(program(*args, **kwargs).last_hidden_state, ref, **TOLERANCE["ring"])
         seen.append(trace.to_gpu()[0].tensor)
     assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])
     assert program.calls == 4  # the capture call in split() plus three
@@ -67,7 +74,7 @@ def test_report_counts_match_what_crossed():
     assert {r.stage for r in trace} == {s.index for s in program.gpu_stages}
     assert len({r.stage for r in trace}) == report.round_trips
     text = str(report)
-    assert "enclave FLOP share" in text and "secureinfer / float" in text
+    assert "enclave FLOP share" in text and "secureinfer / ring" in text
 
 
 def test_activation_read_by_several_gpu_ops_crosses_once():
@@ -76,7 +83,7 @@ def test_activation_read_by_several_gpu_ops_crosses_once():
     assert len(names) == len(set(names))
     # Q, K and V read the same normed hidden state: one stage, one crossing for all three projections.
     first = program.partition.stage_module(program.gpu_stages[0])
-    matmuls = [n for n in first.graph.nodes if n.op == "call_function" and "mm" in str(n.target)]
+    matmuls = [n for n in first.graph.nodes if n.target is ring_product]
     assert len(matmuls) == 3
     assert len([r for r in trace.to_gpu() if r.stage == program.gpu_stages[0].index]) == 1
 
@@ -86,6 +93,6 @@ def test_gpu_stages_on_cuda():
     program, trace, args, kwargs = split_and_trace("llama", seed=0, device="cuda")
     model = tiny_model("llama")
     torch.testing.assert_close(program(*args, **kwargs).last_hidden_state, eager(model, args, kwargs),
-                               **TOLERANCE["float"])  # fmt: skip
+                               **TOLERANCE["ring"])  # fmt: skip
     assert all(r.tensor.device.type == "cpu" for r in trace)
     assert {p.device.type for m in program.gpu.stages.values() for p in m.buffers()} == {"cuda"}

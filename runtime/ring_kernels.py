@@ -1,0 +1,60 @@
+"""Exact arithmetic in Z_2^64 for GPU stages: int64 tensors whose products wrap around modulo 2^64.
+
+CPU has exact int64 matrix products; CUDA has none. There a product is split into 16-bit limbs,
+a·b = Σ_{i+j<4} (a_i·b_j)·2^{16(i+j)} mod 2^64, and each limb product runs as a float64 GEMM, which is exact
+while every sum stays below 2^53 (contraction length K ≤ 2^21). The limb path runs on any device, so it is
+tested on the CPU against the native one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+LIMB_BITS = 16
+LIMBS = 64 // LIMB_BITS
+MAX_LIMB_CONTRACTION = 2**53 // 2 ** (2 * LIMB_BITS)  # K such that K·2^16·2^16 stays exact in float64
+_NATIVE = {"mm": torch.mm, "bmm": torch.bmm, "matmul": torch.matmul}
+KERNELS = ("auto", "int64", "limbs")
+
+
+def ring_product(op: str, a: torch.Tensor, b: torch.Tensor, public: int, kernel: str = "auto") -> torch.Tensor:
+    """`op(a, b)` (mm, bmm or matmul) over Z_2^64; operand `public` (0 or 1) holds small public weights."""
+    if kernel == "int64" or (kernel == "auto" and a.device.type == "cpu" and op in _NATIVE):
+        return _NATIVE[op](a, b)
+    return limb_product(_NATIVE[op], a, b, public)
+
+
+def limb_product(
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: torch.Tensor, b: torch.Tensor, public: int
+) -> torch.Tensor:
+    """Bilinear `fn` over Z_2^64 from float64 limb products; the public operand uses as few signed limbs as fit."""
+    counts = [LIMBS, LIMBS]
+    counts[public] = signed_limbs_needed((a, b)[public])
+    la, lb = split_limbs(a, counts[0]), split_limbs(b, counts[1])
+    out: torch.Tensor | None = None
+    for i, ai in enumerate(la):
+        for j, bj in enumerate(lb):
+            if i + j >= LIMBS:
+                continue  # a multiple of 2^64
+            term = fn(ai, bj).to(torch.int64).mul_(2 ** (LIMB_BITS * (i + j)))  # wraps mod 2^64
+            out = term if out is None else out.add_(term)
+    assert out is not None
+    return out
+
+
+def split_limbs(x: torch.Tensor, count: int) -> list[torch.Tensor]:
+    """x = Σ x_i·2^{16i} mod 2^64: unsigned 16-bit limbs, the last one signed (so `count` < 4 fits small values)."""
+    limbs = [((x >> (LIMB_BITS * i)) & 0xFFFF).to(torch.float64) for i in range(count - 1)]
+    limbs.append((x >> (LIMB_BITS * (count - 1))).to(torch.float64))
+    return limbs
+
+
+def signed_limbs_needed(x: torch.Tensor) -> int:
+    """How many limbs (unsigned low ones, a signed top one) represent every value of x exactly."""
+    if x.numel() == 0:
+        return 1
+    top = int(torch.maximum(x.max(), -x.min() - 1).item())
+    bits = top.bit_length() + 1  # with the sign
+    return min(LIMBS, max(1, -(-bits // LIMB_BITS)))
