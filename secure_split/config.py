@@ -32,6 +32,8 @@ class SplitConfig:
         which has no int64 GEMM), "int64" or "limbs" (any device; slower on the CPU, exact everywhere).
     pool_empty: what a call does when the offline pool (`SplitProgram.precompute`) is empty: "online"
         (make its masks and unmask terms on the spot) or "raise".
+    precompute: keys for this many calls are put in the pool when a program is built (with torch.compile the
+        program is built by the first call, which then already takes its keys from the pool).
     device: where GPU stages run; None picks "cuda" when available, else "cpu".
     seed: None draws a fresh CSPRNG key; an int makes the mask stream reproducible (tests, benchmarks).
     private: parameter-name globs (e.g. "*lora_*") whose parameters never leave the enclave.
@@ -45,6 +47,7 @@ class SplitConfig:
     activation_bound: float = 4096.0
     ring_kernel: str = "auto"
     pool_empty: str = "online"
+    precompute: int = 0
     device: str | None = None
     seed: int | None = None
     private: tuple[str, ...] = field(default_factory=tuple)
@@ -61,6 +64,10 @@ class SplitConfig:
             raise ValueError(f"SplitConfig.frac_bits must be an int in [0, 30], got {self.frac_bits!r}")
         if not (isinstance(self.activation_bound, int | float) and 0 < self.activation_bound < 2.0**62):
             raise ValueError(f"SplitConfig.activation_bound must be a positive number, got {self.activation_bound!r}")
+        if not (isinstance(self.precompute, int) and self.precompute >= 0):
+            raise ValueError(f"SplitConfig.precompute must be an int >= 0, got {self.precompute!r}")
+        if self.masking == "none" and (self.precompute or self.pool_empty == "raise"):
+            raise ValueError("masking='none' uses no masks: precompute and pool_empty='raise' do not apply")
         if self.seed is not None and not isinstance(self.seed, int):
             raise TypeError(f"SplitConfig.seed must be an int or None, got {type(self.seed).__name__}")
         if isinstance(self.private, str):

@@ -70,6 +70,7 @@ class SplitProgram:
         self._masked = [n for n in self.boundary.graph.nodes if n.target is mask and _is_masked(n.meta[CUT])]
         self._zero_outputs: dict[str, tuple[torch.Tensor, ...]] = {}
         self._entry: Callable[..., Any] | None = None
+        self.precompute(config.precompute)
 
     @property
     def gpu_stages(self) -> list[StageSpec]:

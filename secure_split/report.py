@@ -35,6 +35,10 @@ class PartitionReport:
     protection: dict[str, int]
     kept_in_enclave: dict[str, int]
     calls: int
+    keys_from_pool: int  # calls whose masks and unmask terms were precomputed
+    keys_made_online: int  # calls that found the pool empty and made theirs on the spot
+    pool_size: int  # calls the pool holds keys for now
+    pool_bytes_per_call: int  # masks + unmask terms of one call
     cut_table: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -51,6 +55,8 @@ class PartitionReport:
             ("FLOPs: enclave / gpu", f"{self.enclave_flops:,} / {self.gpu_flops:,}"),
             ("enclave FLOP share", f"{self.enclave_flop_share:.2%}"),
             ("protection of cuts", ", ".join(f"{k}: {v}" for k, v in sorted(self.protection.items()))),
+            ("calls: keys from pool / online", f"{self.calls}: {self.keys_from_pool} / {self.keys_made_online}"),
+            ("pool: calls ready / bytes per call", f"{self.pool_size} / {self.pool_bytes_per_call:,}"),
         ]
         width = max(len(k) for k, _ in rows)
         lines = ["secure_split partition report", "-" * (width + 40)]
@@ -89,6 +95,10 @@ def build_report(program: SplitProgram) -> PartitionReport:
         protection=dict(Counter(c.protection for c in program.cuts)),
         kept_in_enclave=dict(kept),
         calls=program.calls,
+        keys_from_pool=program.pool_calls,
+        keys_made_online=program.online_calls,
+        pool_size=len(program.pool),
+        pool_bytes_per_call=sum(c.nbytes for c in program.cuts if c.protection == program.config.masking != "none"),
         cut_table=[
             {"index": c.index, "direction": c.direction, "stage": c.stage, "name": c.name,
              "protection": c.protection, "shape": list(c.shape), "dtype": str(c.dtype), "bytes": c.nbytes}

@@ -1,0 +1,150 @@
+"""Ring masking: exact Z_2^64 kernels, the fixed-point codec, bit-exact unmasking, headroom, and uniform masks."""
+
+import pytest
+import torch
+from tiny_models import split_and_trace, tiny_inputs, tiny_model
+
+import secure_split
+from secure_split import SplitConfig
+from secure_split.enclave_runtime.fixed_point import RingOverflowError, check_bound, decode, encode
+from secure_split.passes.meta import CUT
+from secure_split.runtime.ring_kernels import limb_product, ring_product, signed_limbs_needed
+
+CHI2_255_P001 = 330.5  # chi-square critical value, 255 degrees of freedom, p = 0.001
+
+
+def uniform64(*shape, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(-(2**63), 2**63 - 1, shape, dtype=torch.int64, generator=gen)
+
+
+@pytest.mark.parametrize("public_range", [2**20, 2**40, 2**63 - 1])
+def test_limb_products_equal_native_int64(public_range):
+    a = uniform64(33, 300)
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randint(-public_range, public_range, (300, 50), dtype=torch.int64, generator=gen)
+    assert torch.equal(limb_product(torch.mm, a, w, public=1), a @ w)
+    assert torch.equal(ring_product("mm", w.t().contiguous(), a.t().contiguous(), 0, "limbs"), w.t() @ a.t())
+    x = uniform64(3, 5, 300, seed=2)
+    assert torch.equal(ring_product("matmul", x, w, 1, "limbs"), torch.matmul(x, w))
+    assert torch.equal(ring_product("bmm", x, uniform64(3, 300, 7, seed=3), 1, "limbs"),
+                       torch.bmm(x, uniform64(3, 300, 7, seed=3)))  # fmt: skip
+
+
+def test_small_public_operands_need_fewer_limbs():
+    assert signed_limbs_needed(torch.tensor([-(2**15), 2**15 - 1])) == 1
+    assert signed_limbs_needed(torch.tensor([2**15])) == 2
+    assert signed_limbs_needed(torch.tensor([-(2**63)])) == 4
+
+
+def test_codec_round_trip_and_bound():
+    x = torch.tensor([0.0, 1.5, -2.25, 1000.123])
+    torch.testing.assert_close(decode(encode(x, 16), 16), x, atol=2**-17, rtol=0)
+    check_bound(x, 1024.0, "x")
+    with pytest.raises(RingOverflowError, match="'x' reached"):
+        check_bound(x, 1000.0, "x")
+    with pytest.raises(RingOverflowError):
+        check_bound(torch.tensor([float("nan")]), 1e9, "x")
+
+
+def gpu_stage_identity_holds(program, seed=0):
+    """f(x + r) - (f(r) - f(0)) == f(x) bit for bit, for every GPU stage, with x of activation size."""
+    for call in program._gpu_calls:
+        stage = program.boundary.get_submodule(str(call.target))
+        gen = torch.Generator().manual_seed(seed)
+        xs, rs = [], []
+        for arg in call.args:
+            cut = arg.meta[CUT]
+            xs.append(cut.empty().copy_(torch.randint(-(2**20), 2**20, cut.shape, generator=gen)))
+            rs.append(cut.empty().copy_(uniform64(*cut.shape, seed=seed + 1)))
+        terms = program.unmask_terms(call, rs, cache=True)
+        masked = stage(*[x + r for x, r in zip(xs, rs, strict=True)])
+        for y, term, ref in zip(masked, terms, stage(*xs), strict=True):
+            assert torch.equal(y - term, ref), f"{call.target}"
+
+
+@pytest.mark.parametrize("kernel", ["auto", "limbs"])
+def test_unmasking_is_exact_per_stage(kernel):
+    program, _, _, _ = split_and_trace("llama", seed=0, ring_kernel=kernel)
+    gpu_stage_identity_holds(program)
+
+
+def precompute_zero_masks(program):
+    """Queue one call whose masks (and so unmask terms) are zero: the same integer computation, unmasked."""
+    program.precompute(1)
+    with torch.inference_mode():
+        for secret in program.pool._entries[0].tensors():
+            secret.zero_()
+
+
+def test_ring_output_is_bit_identical_to_the_unmasked_integer_reference():
+    model = tiny_model("gpt2")
+    args, kwargs = tiny_inputs("gpt2")
+    program = secure_split.split(model, args, kwargs, SplitConfig(seed=0))
+    masked = program(*args, **kwargs).last_hidden_state
+    precompute_zero_masks(program)
+    with secure_split.trace_boundary() as trace:
+        reference = program(*args, **kwargs).last_hidden_state
+    assert torch.equal(masked, reference)
+    assert max(r.tensor.abs().max().item() for r in trace.to_gpu()) < 4096 * 2**16  # really unmasked
+    other_seed = secure_split.split(model, args, kwargs, SplitConfig(seed=1))(*args, **kwargs).last_hidden_state
+    assert torch.equal(masked, other_seed)
+
+
+def test_limb_kernel_program_matches_int64_program():
+    model = tiny_model("bert")
+    args, kwargs = tiny_inputs("bert")
+    native = secure_split.split(model, args, kwargs, SplitConfig(seed=0, ring_kernel="int64"))
+    limbs = secure_split.split(model, args, kwargs, SplitConfig(seed=0, ring_kernel="limbs"))
+    assert torch.equal(native(*args, **kwargs).last_hidden_state, limbs(*args, **kwargs).last_hidden_state)
+
+
+def test_headroom_is_checked_at_compile_time():
+    model = tiny_model("gpt2")
+    args, kwargs = tiny_inputs("gpt2")
+    with pytest.raises(RingOverflowError, match=r"may reach \|value\| = 2\^.*frac_bits=28"):
+        secure_split.split(model, args, kwargs, SplitConfig(frac_bits=28))
+
+
+def test_an_activation_beyond_the_declared_bound_is_refused_at_run_time():
+    model = tiny_model("gpt2")
+    args, kwargs = tiny_inputs("gpt2")
+    with pytest.raises(RingOverflowError, match=r"activation_bound = 0\.5"):
+        secure_split.split(model, args, kwargs, SplitConfig(activation_bound=0.5))
+
+
+def top_bytes(records) -> torch.Tensor:
+    """The most significant byte of every int64 that crossed: plaintext fixed-point values are ~always 0x00/0xFF."""
+    return torch.cat([(r.tensor.flatten() >> 56) & 0xFF for r in records])
+
+
+def chi2_uniform(values: torch.Tensor) -> float:
+    counts = torch.bincount(values, minlength=256).double()
+    expected = values.numel() / 256
+    return ((counts - expected) ** 2 / expected).sum().item()
+
+
+def chi2_same_distribution(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Two-sample chi-square homogeneity statistic over 256 byte values."""
+    table = torch.stack([torch.bincount(a, minlength=256), torch.bincount(b, minlength=256)]).double()
+    expected = table.sum(1, keepdim=True) * table.sum(0, keepdim=True) / table.sum()
+    keep = expected > 0
+    return (((table - expected) ** 2)[keep] / expected[keep]).sum().item()
+
+
+def test_ring_masked_tensors_are_uniform_and_input_independent():
+    program, trace, args, kwargs = split_and_trace("gpt2", seed=0)
+    masked = trace.to_gpu()
+    assert all(r.tensor.dtype == torch.int64 for r in masked)
+    all_bytes = torch.cat([r.tensor.flatten().view(torch.uint8) for r in masked]).long()
+    assert chi2_uniform(all_bytes) < CHI2_255_P001
+    assert chi2_uniform(top_bytes(masked)) < CHI2_255_P001
+    other = (torch.randint(2, 128, args[0].shape, generator=torch.Generator().manual_seed(9)),)
+    with secure_split.trace_boundary() as trace_b:
+        program(*other, **kwargs)
+    assert chi2_same_distribution(top_bytes(masked), top_bytes(trace_b.to_gpu())) < CHI2_255_P001
+    # The same statistics do see plaintext: the encoded activations without masks are far from uniform.
+    precompute_zero_masks(program)
+    with secure_split.trace_boundary() as plain:
+        program(*args, **kwargs)
+    assert chi2_uniform(top_bytes(plain.to_gpu())) > 100 * CHI2_255_P001
