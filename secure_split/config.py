@@ -32,6 +32,8 @@ class SplitConfig:
         which has no int64 GEMM), "int64" or "limbs" (any device; slower on the CPU, exact everywhere).
     pool_empty: what a call does when the offline pool (`SplitProgram.precompute`) is empty: "online"
         (make its masks and unmask terms on the spot) or "raise".
+    verify: check every GPU result with a Freivalds-style test (ring masking only): a wrong answer is caught
+        with probability ≥ 1 - 2^-40 per call; the check vectors are made offline with the other keys.
     precompute: keys for this many calls are put in the pool when a program is built (with torch.compile the
         program is built by the first call, which then already takes its keys from the pool).
     device: where GPU stages run; None picks "cuda" when available, else "cpu".
@@ -48,6 +50,7 @@ class SplitConfig:
     ring_kernel: str = "auto"
     pool_empty: str = "online"
     precompute: int = 0
+    verify: bool = False
     device: str | None = None
     seed: int | None = None
     private: tuple[str, ...] = field(default_factory=tuple)
@@ -68,6 +71,8 @@ class SplitConfig:
             raise ValueError(f"SplitConfig.precompute must be an int >= 0, got {self.precompute!r}")
         if self.masking == "none" and (self.precompute or self.pool_empty == "raise"):
             raise ValueError("masking='none' uses no masks: precompute and pool_empty='raise' do not apply")
+        if self.verify and self.masking != "ring":
+            raise ValueError(f"SplitConfig.verify=True needs masking='ring' (exact results), got {self.masking!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise TypeError(f"SplitConfig.seed must be an int or None, got {type(self.seed).__name__}")
         if isinstance(self.private, str):

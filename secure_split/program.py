@@ -10,6 +10,7 @@ used by that call only and destroyed after it.
 from __future__ import annotations
 
 import hashlib
+import math
 import operator
 import weakref
 from collections.abc import Callable
@@ -21,6 +22,7 @@ import torch
 from torch import fx
 
 from secure_split.enclave_runtime.csprng import CSPRNG
+from secure_split.enclave_runtime.integrity import CALL_SOUNDNESS_BITS, StageVerifier
 from secure_split.enclave_runtime.masking import MaskingScheme, hide, make_masking, reveal
 from secure_split.enclave_runtime.pool import CallKeys, KeyPool
 from secure_split.partitioner.stages import PartitionResult, StageSpec
@@ -58,8 +60,10 @@ class SplitProgram:
         self.boundary = partition.boundary
         self.cuts: list[Cut] = cuts(self.boundary)
         self.device = torch.device(config.device)
-        rng = CSPRNG(config.seed)
-        self.masking = make_masking(config.masking, rng, config.mask_scale, config.frac_bits, config.activation_bound)
+        self.rng = CSPRNG(config.seed)
+        self.masking = make_masking(
+            config.masking, self.rng, config.mask_scale, config.frac_bits, config.activation_bound
+        )
         self.channel = Channel(self.device)
         self.gpu = GpuExecutor({s.module_name: partition.stage_module(s) for s in self.gpu_stages}, self.device)
         self.pool = KeyPool()
@@ -69,8 +73,10 @@ class SplitProgram:
         self._gpu_calls = [n for n in self.boundary.graph.nodes if n.op == "call_module" and n.meta[SIDE] == "gpu"]
         self._masked = [n for n in self.boundary.graph.nodes if n.target is mask and _is_masked(n.meta[CUT])]
         self._zero_outputs: dict[str, tuple[torch.Tensor, ...]] = {}
+        self.verifiers = self._make_verifiers() if config.verify else {}
         self._entry: Callable[..., Any] | None = None
-        self.precompute(config.precompute)
+        if config.precompute:
+            self.precompute(config.precompute)
 
     @property
     def gpu_stages(self) -> list[StageSpec]:
@@ -161,10 +167,31 @@ class SplitProgram:
         """Fresh masks for every masked cut of one call, and the unmask terms of every GPU stage call."""
         masks = {n.name: _draw(self.masking, n.meta[CUT]) for n in self._masked}
         terms = {}
+        checks = {}
         for call in self._gpu_calls:
             if all(_is_masked(a.meta[CUT]) for a in call.args):
                 terms[call.name] = self.unmask_terms(call, [masks[a.name] for a in call.args], cache=True)
-        return CallKeys(self.pool.new_serial(), masks, terms)
+            if call.name in self.verifiers:
+                checks[call.name] = self.verifiers[call.name].make_checks(self.rng, self._zero_outputs[call.name])
+        return CallKeys(self.pool.new_serial(), masks, terms, checks)
+
+    def _make_verifiers(self) -> dict[str, StageVerifier]:
+        target = CALL_SOUNDNESS_BITS + math.ceil(math.log2(max(1, len(self._gpu_calls))))
+        verifiers = {}
+        for call in self._gpu_calls:
+            if not all(_is_masked(a.meta[CUT]) for a in call.args):
+                raise NotImplementedError(f"verify=True: {call.target} reads a public value at run time")
+            like = [a.meta[CUT].empty().zero_() for a in call.args]
+            stage = self.boundary.get_submodule(str(call.target))
+            verifiers[call.name] = StageVerifier(stage, like, str(call.target), target)
+        return verifiers
+
+    @property
+    def verify_error_bits(self) -> float | None:
+        """-log2 of the probability that a wrong GPU answer passes verification in one call (None: no check)."""
+        if not self.verifiers:
+            return None
+        return -math.log2(sum(2.0 ** -v.plan.soundness_bits for v in self.verifiers.values()))
 
     def unmask_terms(self, call: fx.Node, held: list[torch.Tensor], cache: bool) -> tuple[torch.Tensor, ...]:
         """L(r) = f(r) - f(0) for each output of one GPU stage call; `held` has masks, and public inputs as sent."""
@@ -209,7 +236,12 @@ class _BoundaryInterpreter(fx.Interpreter):
             return self._unmask(n, self.env[n.args[0]])
         if n.op == "call_module" and n.meta[SIDE] == "gpu":
             args, _ = self.fetch_args_kwargs_from_env(n)
-            return self.program.gpu.run(str(n.target), list(args))
+            result = self.program.gpu.run(str(n.target), list(args))
+            if n.name in self.program.verifiers:
+                assert self.keys is not None
+                sent, got = [a.to("cpu") for a in args], [r.to("cpu") for r in result]
+                self.program.verifiers[n.name].check(self.keys.checks[n.name], sent, got)
+            return result
         return super().run_node(n)
 
     def _mask(self, n: fx.Node, value: torch.Tensor) -> torch.Tensor:
@@ -231,6 +263,8 @@ class _BoundaryInterpreter(fx.Interpreter):
         call, index = item.args[0], item.args[1]
         if _is_masked(cut):
             received = reveal(received, self._terms(call)[index])
+        if call.name in self.program.verifiers:
+            self.program.verifiers[call.name].check_range(index, received)
         return self.program.masking.decode(received, self.program.output_bits(call, index), n.meta["val"].dtype)
 
     def _terms(self, call: fx.Node) -> tuple[torch.Tensor, ...]:

@@ -39,6 +39,7 @@ class PartitionReport:
     keys_made_online: int  # calls that found the pool empty and made theirs on the spot
     pool_size: int  # calls the pool holds keys for now
     pool_bytes_per_call: int  # masks + unmask terms of one call
+    verify_error_bits: float | None  # a wrong GPU answer passes a call's checks with probability ≤ 2^-this
     cut_table: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -57,7 +58,9 @@ class PartitionReport:
             ("protection of cuts", ", ".join(f"{k}: {v}" for k, v in sorted(self.protection.items()))),
             ("calls: keys from pool / online", f"{self.calls}: {self.keys_from_pool} / {self.keys_made_online}"),
             ("pool: calls ready / bytes per call", f"{self.pool_size} / {self.pool_bytes_per_call:,}"),
-        ]
+            ("integrity check (Freivalds)", "off" if self.verify_error_bits is None
+             else f"on: a wrong answer passes with p <= 2^-{self.verify_error_bits:.1f} per call"),
+        ]  # fmt: skip
         width = max(len(k) for k, _ in rows)
         lines = ["secure_split partition report", "-" * (width + 40)]
         lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
@@ -98,6 +101,7 @@ def build_report(program: SplitProgram) -> PartitionReport:
         keys_from_pool=program.pool_calls,
         keys_made_online=program.online_calls,
         pool_size=len(program.pool),
+        verify_error_bits=program.verify_error_bits,
         pool_bytes_per_call=sum(c.nbytes for c in program.cuts if c.protection == program.config.masking != "none"),
         cut_table=[
             {"index": c.index, "direction": c.direction, "stage": c.stage, "name": c.name,
