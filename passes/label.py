@@ -9,7 +9,7 @@ enough compute stays in the enclave.
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import fx
@@ -123,16 +123,23 @@ def producer(node: fx.Node) -> fx.Node:
 class LabelPass(PassBase):
     """Tags every node `enclave` or `gpu` (meta[SIDE]) with a reason (meta[REASON]). Needs TaintPass first."""
 
-    def __init__(self, support: AffineOperatorSupport | None = None, min_gpu_flops: int = 1) -> None:
+    def __init__(
+        self,
+        support: AffineOperatorSupport | None = None,
+        min_gpu_flops: int = 1,
+        rules: Sequence[Callable[[list[fx.Node]], bool]] = (),
+    ) -> None:
+        """`rules` demote more nodes (e.g. masking-specific limits); each returns True when it changed a label."""
         super().__init__()
         self.support = support or AffineOperatorSupport()
         self.min_gpu_flops = min_gpu_flops
+        self.rules = rules
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         nodes = [n for n in graph_module.graph.nodes if not is_getitem(n)]
         for node in nodes:
             self._initial(node)
-        while self._demote_detached_glue(nodes) | self._demote_small_regions(nodes):
+        while self._demote_detached_glue(nodes) | self._demote_small_regions(nodes) | self._apply_rules(nodes):
             pass
         self._place_public(nodes)
         for node in graph_module.graph.nodes:
@@ -153,6 +160,12 @@ class LabelPass(PassBase):
         else:
             ok, reason = self.support.check(node)
             _set(node, GPU if ok else ENCLAVE, reason)
+
+    def _apply_rules(self, nodes: list[fx.Node]) -> bool:
+        changed = False
+        for rule in self.rules:
+            changed |= rule(nodes)
+        return changed
 
     def _demote_detached_glue(self, nodes: Iterable[fx.Node]) -> bool:
         """Affine glue stays on the GPU only next to GPU work: fed by it, or feeding only it."""

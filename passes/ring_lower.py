@@ -24,7 +24,9 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from secure_split.enclave_runtime.fixed_point import INT64_LIMIT, RingOverflowError, encode
 from secure_split.runtime.ring_kernels import MAX_LIMB_CONTRACTION, ring_product
 
-from .label import SHAPE_OPS, packet
+from .label import GPU, MASKABLE_DTYPES, SHAPE_OPS, packet, producer
+from .meta import REASON, SIDE, TAINT
+from .taint import PRIVATE
 
 aten = torch.ops.aten
 RING_BITS, RING_BOUNDS = "ring_frac_bits", "ring_bounds"
@@ -50,7 +52,7 @@ class RingLowerPass(PassBase):
         self.kernel = kernel
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        lowering = _Lowering(graph_module, self)
+        lowering = _Lowering(graph_module, self.frac_bits, self.activation_bound, self.kernel)
         for node in graph_module.graph.nodes:
             lowering.visit(node)
         lowered = fx.GraphModule(lowering.holder, lowering.graph, graph_module.__class__.__name__)
@@ -59,11 +61,50 @@ class RingLowerPass(PassBase):
         return PassResult(lowered, True)
 
 
+class RingHeadroom:
+    """A labelling rule for ring masking: a GPU node that could overflow Z_2^64, or that ring arithmetic cannot
+    express, stays in the enclave (and the report says why). E.g. RoPE's multiplication by public cos/sin
+    tables after a projection triples the fractional bits; in the enclave it costs no extra crossing."""
+
+    def __init__(self, frac_bits: int, activation_bound: float) -> None:
+        self.frac_bits = frac_bits
+        self.activation_bound = activation_bound
+
+    def __call__(self, nodes: list[fx.Node]) -> bool:
+        """Demote what does not fit under the current labels; True when a label changed."""
+        if not nodes:
+            return False
+        gm = nodes[0].graph.owning_module
+        sim = _Lowering(gm, self.frac_bits, self.activation_bound, "int64")
+        changed = False
+        for node in gm.graph.nodes:
+            if node.op == "get_attr":
+                sim.visit(node)
+            elif node.op == "call_function" and producer(node).meta[SIDE] == GPU and node.meta[TAINT] == PRIVATE:
+                changed |= self._simulate(sim, node)
+        return changed
+
+    def _simulate(self, sim: _Lowering, node: fx.Node) -> bool:
+        try:
+            for arg in node.all_input_nodes:
+                if arg not in sim.fact and arg not in sim.const:
+                    sim.admit(arg)
+            sim.visit(node)
+        except RingOverflowError:
+            reason = "ring masking: its fixed-point values could overflow Z_2^64 on the GPU (headroom)"
+        except NotImplementedError as err:
+            reason = str(err)
+        else:
+            return False
+        node.meta[SIDE], node.meta[REASON] = "enclave", reason
+        return True
+
+
 class _Lowering:
     """State of one rewrite: the new graph, and what each old node became (a Fixed value or a constant)."""
 
-    def __init__(self, gm: fx.GraphModule, cfg: RingLowerPass) -> None:
-        self.gm, self.cfg, self.f = gm, cfg, cfg.frac_bits
+    def __init__(self, gm: fx.GraphModule, frac_bits: int, activation_bound: float, kernel: str) -> None:
+        self.gm, self.f, self.activation_bound, self.kernel = gm, frac_bits, activation_bound, kernel
         self.graph = fx.Graph()
         self.holder = torch.nn.Module()
         self.env: dict[fx.Node, fx.Node] = {}
@@ -74,8 +115,7 @@ class _Lowering:
 
     def visit(self, node: fx.Node) -> None:
         if node.op == "placeholder":
-            self.env[node] = self.graph.placeholder(node.name)
-            self._set(node, Fixed(self.f, self.cfg.activation_bound * 2.0**self.f))
+            self.admit(node)
         elif node.op == "get_attr":
             self.const[node] = getattr(self.gm, str(node.target))
         elif node.op == "output":
@@ -85,6 +125,14 @@ class _Lowering:
             self.graph.output(tuple(self.env[o] for o in outs))
         else:
             self._lower(node)
+
+    def admit(self, node: fx.Node) -> None:
+        """`node`'s value enters the stage from the enclave: freshly encoded, within the activation bound."""
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.dtype not in MASKABLE_DTYPES:
+            raise NotImplementedError(f"ring masking: GPU stage input {node.name} is not floating point")
+        self.env[node] = self.graph.placeholder(node.name)
+        self._set(node, Fixed(self.f, self.activation_bound * 2.0**self.f))
 
     def _lower(self, node: fx.Node) -> None:
         op = packet(node)
@@ -113,7 +161,7 @@ class _Lowering:
         if not fact.bound < INT64_LIMIT:
             raise RingOverflowError(
                 f"{node.name} ({node.target}) may reach |value| = 2^{math.log2(fact.bound):.1f} in Z_2^64 (limit 2^63) "
-                f"with frac_bits={self.f} and activation_bound={self.cfg.activation_bound:g}; lower one of them"
+                f"with frac_bits={self.f} and activation_bound={self.activation_bound:g}; lower one of them"
             )
         self.fact[node] = fact
 
@@ -214,7 +262,7 @@ class _Lowering:
             raise NotImplementedError(f"ring masking: {node.name} contracts {contraction} > 2^21 terms")
         operands = (self.env[x], weight) if public == 1 else (weight, self.env[x])
         kind = "matmul" if op is aten.linear else _PRODUCTS[op]
-        out = self._emit(ring_product, (kind, *operands, public, self.cfg.kernel))
+        out = self._emit(ring_product, (kind, *operands, public, self.kernel))
         out_bits = self.fact[x].bits + bits
         gain = float(encode(weight_value, bits).abs().sum(dim=-2 if public == 1 else -1).max())
         bound = self.fact[x].bound * gain

@@ -1,6 +1,6 @@
 """secure_split: a PyTorch compiler plugin for confidential split inference.
 
-    torch.compile(model, backend="secure_split", fullgraph=True, options={"masking": "float"})
+    torch.compile(model, backend="secure_split", fullgraph=True, options={"frac_bits": 20})
 
 The public names load lazily, so that importing the untrusted `secure_split.runtime` (a GPU worker) never
 loads the trusted side (`secure_split.enclave_runtime`).
@@ -13,6 +13,11 @@ from typing import Any
 
 _EXPORTS = {
     "BoundaryTrace": ".trace",
+    "IntegrityError": ".enclave_runtime.integrity",
+    "MaskReuseError": ".enclave_runtime.pool",
+    "PoolEmptyError": ".program",
+    "PoolError": ".enclave_runtime.pool",
+    "RingOverflowError": ".enclave_runtime.fixed_point",
     "PartitionReport": ".report",
     "SplitConfig": ".config",
     "SplitProgram": ".program",

@@ -14,7 +14,7 @@ from secure_split.passes.insert_masks import InsertMasksPass
 from secure_split.passes.label import LabelPass
 from secure_split.passes.leak_audit import audit
 from secure_split.passes.meta import REASON, SIDE
-from secure_split.passes.ring_lower import RingLowerPass
+from secure_split.passes.ring_lower import RingHeadroom, RingLowerPass
 from secure_split.passes.taint import TaintPass
 
 from .config import SplitConfig
@@ -56,7 +56,8 @@ def label_graph(gm: fx.GraphModule, specs: list[InputSpec], inputs: list[Any], c
     _log("captured ATen graph", aten)
     TaintPass(config.private)(aten)
     FoldPublicPass()(aten)
-    LabelPass(min_gpu_flops=config.min_gpu_flops)(aten)
+    rules = [RingHeadroom(config.frac_bits, config.activation_bound)] if config.masking == "ring" else []
+    LabelPass(min_gpu_flops=config.min_gpu_flops, rules=rules)(aten)
     _log_labels(aten)
     return aten
 

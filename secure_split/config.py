@@ -45,7 +45,7 @@ class SplitConfig:
     policy: str = "secureinfer"
     masking: str = "ring"
     mask_scale: float = 100.0
-    frac_bits: int = 16
+    frac_bits: int = 20
     activation_bound: float = 4096.0
     ring_kernel: str = "auto"
     pool_empty: str = "online"

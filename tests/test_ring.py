@@ -8,8 +8,10 @@ import secure_split
 from secure_split import SplitConfig
 from secure_split.enclave_runtime.fixed_point import RingOverflowError, check_bound, decode, encode
 from secure_split.passes.meta import CUT
+from secure_split.passes.ring_lower import RingLowerPass
 from secure_split.runtime.ring_kernels import limb_product, ring_product, signed_limbs_needed
 
+HEADROOM = "ring masking: its fixed-point values could overflow Z_2^64 on the GPU (headroom)"
 CHI2_255_P001 = 330.5  # chi-square critical value, 255 degrees of freedom, p = 0.001
 
 
@@ -99,11 +101,21 @@ def test_limb_kernel_program_matches_int64_program():
     assert torch.equal(native(*args, **kwargs).last_hidden_state, limbs(*args, **kwargs).last_hidden_state)
 
 
-def test_headroom_is_checked_at_compile_time():
-    model = tiny_model("gpt2")
-    args, kwargs = tiny_inputs("gpt2")
+def test_what_would_overflow_stays_in_the_enclave_and_the_lowering_refuses_it():
+    model = tiny_model("llama")
+    args, kwargs = tiny_inputs("llama")
+    program = secure_split.split(model, args, kwargs, SplitConfig(seed=0))  # RoPE after q/k: 3·20 bits + weights
+    kept = program.report().kept_in_enclave
+    assert kept[HEADROOM] == 8  # the cos and sin products of q and k, 2 layers
+    with torch.no_grad():
+        torch.testing.assert_close(program(*args, **kwargs).last_hidden_state, model(*args, **kwargs).last_hidden_state,
+                                   atol=5e-4, rtol=1e-3)  # fmt: skip
+    wide = secure_split.split(model, args, kwargs, SplitConfig(seed=0, frac_bits=28))
+    assert wide.report().kept_in_enclave[HEADROOM] > kept[HEADROOM]  # now the projections too
+    # The lowering itself re-checks every bound: a float-labelled stage does not fit 28 bits.
+    float_program = secure_split.split(model, args, kwargs, SplitConfig(masking="float"))
     with pytest.raises(RingOverflowError, match=r"may reach \|value\| = 2\^.*frac_bits=28"):
-        secure_split.split(model, args, kwargs, SplitConfig(frac_bits=28))
+        RingLowerPass(28, 4096.0)(float_program.partition.stage_module(float_program.gpu_stages[0]))
 
 
 def test_an_activation_beyond_the_declared_bound_is_refused_at_run_time():
