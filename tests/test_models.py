@@ -9,12 +9,12 @@ from secure_split import SplitConfig
 from secure_split.runtime.ring_kernels import ring_product
 
 # Float masks (std 100) cost precision: measured max abs error ≤ 2.1e-3 on these models' hidden states. Ring
-# masking is exact; its fixed-point rounding (frac_bits=16) gives ≤ 1.5e-3 here (these random tiny models'
-# LayerNorms amplify input error ~50x; BERT-like ones stay ≤ 4e-5).
+# unmasking is exact; its fixed-point rounding (frac_bits=20) gives ≤ 1.1e-4 here (the decoders' random-weight
+# LayerNorms amplify input error; BERT-likes stay ≤ 2.3e-6).
 TOLERANCE = {
     "none": dict(atol=1e-5, rtol=1e-5),
     "float": dict(atol=5e-3, rtol=1e-3),
-    "ring": dict(atol=5e-3, rtol=1e-3),
+    "ring": dict(atol=5e-4, rtol=1e-3),
 }
 
 

@@ -21,7 +21,7 @@ def verified():
 
 def test_honest_gpu_passes_and_soundness_is_stated(verified):
     program, args, kwargs, reference = verified
-    torch.testing.assert_close(program(*args, **kwargs).last_hidden_state, reference, atol=5e-3, rtol=1e-3)
+    torch.testing.assert_close(program(*args, **kwargs).last_hidden_state, reference, atol=5e-4, rtol=1e-3)
     report = program.report()
     assert report.verify_error_bits is not None and report.verify_error_bits >= 40
     assert "2^-" in str(report)
