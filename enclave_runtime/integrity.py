@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from secure_split.passes.ring_lower import RING_BOUNDS, RING_SHAPES
+
 from .csprng import CSPRNG
 
 CALL_SOUNDNESS_BITS = 40
@@ -50,7 +52,8 @@ class StageVerifier:
     ) -> None:
         self.name = name
         self.inputs_like = inputs_like  # in the layouts the stage was traced with
-        self.out_bounds = stage.meta["ring_bounds"]
+        self.out_bounds = stage.meta[RING_BOUNDS]
+        self.out_shapes = stage.meta[RING_SHAPES]
         self.linear = _float64_copy(stage, absolute=False)
         cotangent_peak = _cotangent_peak(_float64_copy(stage, absolute=True), inputs_like)
         trailing = math.floor(math.log2(2 * max(self.out_bounds)))
@@ -59,6 +62,13 @@ class StageVerifier:
             raise ValueError(f"verify=True cannot check {name}: its cotangents exceed float64's exact range")
         reps = math.ceil(target_bits / width)
         self.plan = CheckPlan(width, reps, reps * width)
+
+    @property
+    def nbytes_per_call(self) -> int:
+        """Pool memory of one call's checks: s per output, u per input, and <s, c>, for every repetition."""
+        outputs = sum(math.prod(shape) for shape in self.out_shapes)
+        inputs = sum(x.numel() for x in self.inputs_like)
+        return self.plan.reps * (outputs + inputs + 1) * 8
 
     def make_checks(self, rng: CSPRNG, f0: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, ...]]:
         """`reps` tuples (s_1..s_K, u_1..u_J, <s, c>) with u = Lᵀs: the secret half of each check."""

@@ -8,7 +8,8 @@ calls (native int64 on the CPU, float64 limbs on CUDA). The stage
 then stays affine over Z_2^64, so f(x + r) - (f(r) - f(0)) = f(x) holds bit for bit.
 
 Alongside, the pass bounds every integer from the weights and the declared activation bound and refuses, at
-compile time, a stage whose worst case reaches 2^63. The outputs' fractional bits and bounds go in `gm.meta`.
+compile time, a stage whose worst case reaches 2^63. The outputs' fractional bits, bounds and shapes go in
+`gm.meta`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from .meta import REASON, SIDE, TAINT
 from .taint import PRIVATE
 
 aten = torch.ops.aten
-RING_BITS, RING_BOUNDS = "ring_frac_bits", "ring_bounds"
+RING_BITS, RING_BOUNDS, RING_SHAPES = "ring_frac_bits", "ring_bounds", "ring_shapes"
 _LINEAR_VIEWS = SHAPE_OPS - {aten.neg, aten.sum, aten.mean}
 _PRODUCTS = {aten.mm: "mm", aten.bmm: "bmm", aten.matmul: "matmul", aten.addmm: "mm", aten.baddbmm: "bmm"}
 
@@ -58,6 +59,7 @@ class RingLowerPass(PassBase):
         lowered = fx.GraphModule(lowering.holder, lowering.graph, graph_module.__class__.__name__)
         lowered.meta[RING_BITS] = lowering.out_bits
         lowered.meta[RING_BOUNDS] = lowering.out_bounds
+        lowered.meta[RING_SHAPES] = lowering.out_shapes
         return PassResult(lowered, True)
 
 
@@ -112,6 +114,7 @@ class _Lowering:
         self.const: dict[fx.Node, torch.Tensor] = {}
         self.out_bits: list[int] = []
         self.out_bounds: list[float] = []
+        self.out_shapes: list[tuple[int, ...]] = []
 
     def visit(self, node: fx.Node) -> None:
         if node.op == "placeholder":
@@ -122,6 +125,7 @@ class _Lowering:
             outs = node.args[0]
             self.out_bits = [self.fact[o].bits for o in outs]
             self.out_bounds = [self.fact[o].bound for o in outs]
+            self.out_shapes = [tuple(o.meta["val"].shape) for o in outs]
             self.graph.output(tuple(self.env[o] for o in outs))
         else:
             self._lower(node)

@@ -20,8 +20,11 @@ KERNELS = ("auto", "int64", "limbs")
 
 
 def ring_product(op: str, a: torch.Tensor, b: torch.Tensor, public: int, kernel: str = "auto") -> torch.Tensor:
-    """`op(a, b)` (mm, bmm or matmul) over Z_2^64; operand `public` (0 or 1) holds small public weights."""
-    if kernel == "int64" or (kernel == "auto" and a.device.type == "cpu" and op in _NATIVE):
+    """`op(a, b)` (mm, bmm or matmul) over Z_2^64; operand `public` (0 or 1) holds small public weights.
+
+    Floating-point operands (the enclave's float64 copy of a stage, used to make verification vectors) are
+    multiplied as they are."""
+    if kernel == "int64" or a.is_floating_point() or (kernel == "auto" and a.device.type == "cpu"):
         return _NATIVE[op](a, b)
     return limb_product(_NATIVE[op], a, b, public)
 

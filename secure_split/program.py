@@ -187,6 +187,12 @@ class SplitProgram:
         return verifiers
 
     @property
+    def pool_bytes_per_call(self) -> int:
+        """Memory one call's keys take in the pool: masks, unmask terms and verification vectors."""
+        keyed = sum(c.nbytes for c in self.cuts if _is_masked(c))
+        return keyed + sum(v.nbytes_per_call for v in self.verifiers.values())
+
+    @property
     def verify_error_bits(self) -> float | None:
         """-log2 of the probability that a wrong GPU answer passes verification in one call (None: no check)."""
         if not self.verifiers:

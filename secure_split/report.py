@@ -102,7 +102,7 @@ def build_report(program: SplitProgram) -> PartitionReport:
         keys_made_online=program.online_calls,
         pool_size=len(program.pool),
         verify_error_bits=program.verify_error_bits,
-        pool_bytes_per_call=sum(c.nbytes for c in program.cuts if c.protection == program.config.masking != "none"),
+        pool_bytes_per_call=program.pool_bytes_per_call,
         cut_table=[
             {"index": c.index, "direction": c.direction, "stage": c.stage, "name": c.name,
              "protection": c.protection, "shape": list(c.shape), "dtype": str(c.dtype), "bytes": c.nbytes}

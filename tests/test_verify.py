@@ -26,6 +26,8 @@ def test_honest_gpu_passes_and_soundness_is_stated(verified):
     assert report.verify_error_bits is not None and report.verify_error_bits >= 40
     assert "2^-" in str(report)
     assert all(v.plan.reps * v.plan.width == v.plan.soundness_bits for v in program.verifiers.values())
+    program.precompute(1)
+    assert program.pool.nbytes == report.pool_bytes_per_call  # masks, terms and check vectors of one call
 
 
 def test_one_altered_element_is_caught(verified):
