@@ -160,3 +160,10 @@ def test_ring_masked_tensors_are_uniform_and_input_independent():
     with secure_split.trace_boundary() as plain:
         program(*args, **kwargs)
     assert chi2_uniform(top_bytes(plain.to_gpu())) > 100 * CHI2_255_P001
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (no int64 GEMM there: limbs)")
+def test_cuda_ring_products_equal_cpu_int64():
+    a, w = uniform64(64, 512), uniform64(512, 96, seed=1) >> 40
+    on_cuda = ring_product("mm", a.cuda(), w.cuda(), 1, "auto")
+    assert torch.equal(on_cuda.cpu(), a @ w)
