@@ -149,6 +149,7 @@ def plot(rows: list[dict], path: Path, setup: dict) -> None:
     ax.barh(names, ratios, color=["#888" if n == "eager" else "#c73" if "ring" in n else "#37c" for n in names])
     for y, v in enumerate(ratios):
         ax.text(v, y, f" {v:.2f}x", va="center")
+    ax.set_xlim(0, max(ratios) * 1.15)
     ax.set_xlabel("online latency / eager latency (same run)")
     ax.set_title(f"GPT-2-small-sized, seq {setup['seq']}, GPU stages on {setup['gpu_stages_on']}")
     ax.invert_yaxis()
