@@ -206,12 +206,10 @@ class _Lowering:
 
     def _sum(self, node: fx.Node) -> None:
         x = node.args[0]
-        count = x.meta["val"].numel() // max(1, node.meta["val"].numel())
-        self._copy(node, Fixed(self.fact[x].bits, self.fact[x].bound * count))
+        self._copy(node, Fixed(self.fact[x].bits, self.fact[x].bound * _summands(node)))
 
     def _mean(self, node: fx.Node) -> None:
-        x = node.args[0]
-        count = x.meta["val"].numel() // max(1, node.meta["val"].numel())
+        x, count = node.args[0], _summands(node)
         total = self._emit(aten.sum.dim_IntList, fx.node.map_arg(node.args, self.env.__getitem__), dict(node.kwargs))
         bits = _exact_bits(1.0 / count, self.f)
         inverse = self._constant(1.0 / count, bits)
@@ -276,6 +274,11 @@ class _Lowering:
             bound += bias_bound
         self.env[node] = out
         self._set(node, Fixed(out_bits, bound))
+
+
+def _summands(node: fx.Node) -> int:
+    """How many input elements a reduction adds into each output element."""
+    return node.args[0].meta["val"].numel() // max(1, node.meta["val"].numel())
 
 
 def _exact_bits(value: torch.Tensor | float, frac_bits: int) -> int:

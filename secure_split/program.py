@@ -169,7 +169,7 @@ class SplitProgram:
         terms = {}
         checks = {}
         for call in self._gpu_calls:
-            if all(_is_masked(a.meta[CUT]) for a in call.args):
+            if _all_masked(call):
                 terms[call.name] = self.unmask_terms(call, [masks[a.name] for a in call.args], cache=True)
             if call.name in self.verifiers:
                 checks[call.name] = self.verifiers[call.name].make_checks(self.rng, self._zero_outputs[call.name])
@@ -179,7 +179,7 @@ class SplitProgram:
         target = CALL_SOUNDNESS_BITS + math.ceil(math.log2(max(1, len(self._gpu_calls))))
         verifiers = {}
         for call in self._gpu_calls:
-            if not all(_is_masked(a.meta[CUT]) for a in call.args):
+            if not _all_masked(call):
                 raise NotImplementedError(f"verify=True: {call.target} reads a public value at run time")
             like = [a.meta[CUT].empty().zero_() for a in call.args]
             stage = self.boundary.get_submodule(str(call.target))
@@ -224,6 +224,11 @@ def _draw(masking: MaskingScheme, cut: Cut) -> torch.Tensor:
 
 def _is_masked(cut: Cut) -> bool:
     return cut.protection not in ("public", "none")
+
+
+def _all_masked(call: fx.Node) -> bool:
+    """Whether every input of a GPU stage call crosses masked (so its unmask terms depend on masks alone)."""
+    return all(_is_masked(a.meta[CUT]) for a in call.args)
 
 
 class _BoundaryInterpreter(fx.Interpreter):
