@@ -27,7 +27,7 @@ from secure_split.enclave_runtime.masking import MaskingScheme, hide, make_maski
 from secure_split.enclave_runtime.pool import CallKeys, KeyPool
 from secure_split.partitioner.stages import PartitionResult, StageSpec
 from secure_split.passes.insert_masks import Cut, cuts, mask, unmask
-from secure_split.passes.meta import CUT, SIDE
+from secure_split.passes.meta import CUT, PARAM_NAMES, SIDE
 from secure_split.passes.ring_lower import RING_BITS
 from secure_split.runtime.channel import Channel
 from secure_split.runtime.gpu_executor import GpuExecutor
@@ -112,6 +112,18 @@ class SplitProgram:
 
     def report(self) -> PartitionReport:
         return build_report(self)
+
+    def parameter_names(self, side: str) -> list[str]:
+        """The model parameters (and buffers) whose values `side` ("enclave" or "gpu") holds, sorted.
+
+        A GPU stage holds a weight it reads, or a public value computed from it (e.g. Wᵀ, which names W)."""
+        if side not in ("enclave", "gpu"):
+            raise ValueError(f"side must be 'enclave' or 'gpu', got {side!r}")
+        names: set[str] = set()
+        for node in self.partition.labelled.graph.nodes:
+            if node.op == "get_attr" and any(u.meta.get(SIDE) == side for u in node.users):
+                names.update(node.meta.get(PARAM_NAMES, ()))
+        return sorted(names)
 
     # -- the offline pool ------------------------------------------------------------------------------------
 
