@@ -21,6 +21,8 @@ from .label import GPU
 from .meta import CUT, SIDE, STAGE, TAINT
 from .taint import PUBLIC
 
+MASKED = ("ring", "float")
+
 
 @dataclass(frozen=True)
 class Cut:
@@ -34,6 +36,11 @@ class Cut:
     shape: tuple[int, ...]
     dtype: torch.dtype  # on the wire (ring: int64)
     stride: tuple[int, ...]  # the layout the stages were traced with
+
+    @property
+    def masked(self) -> bool:
+        """Whether a one-time mask hides the value (not public, plaintext or ε-DP only)."""
+        return self.protection in MASKED
 
     @property
     def nbytes(self) -> int:
@@ -73,9 +80,11 @@ def cuts(boundary: fx.GraphModule) -> list[Cut]:
 class InsertMasksPass(PassBase):
     """Inserts the boundary ops into a boundary graph built by `partitioner.stages.build_partition`."""
 
-    def __init__(self, masking: str) -> None:
+    def __init__(self, masking: str, protection: str | None = None) -> None:
+        """`protection` names what protects private values when it is not `masking` (e.g. CMIF's ε-DP)."""
         super().__init__()
         self.masking = masking
+        self.protection = protection or masking
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         graph = graph_module.graph
@@ -104,6 +113,6 @@ class InsertMasksPass(PassBase):
 
     def _cut(self, index: int, direction: str, stage: int, value: fx.Node) -> Cut:
         val = value.meta["val"]
-        protection = "public" if value.meta[TAINT] == PUBLIC else self.masking
+        protection = "public" if value.meta[TAINT] == PUBLIC else self.protection
         shape, stride = tuple(int(s) for s in val.shape), tuple(int(s) for s in val.stride())
         return Cut(index, direction, stage, value.name, protection, shape, wire_dtype(self.masking, val.dtype), stride)

@@ -14,6 +14,8 @@ from torch import fx
 
 from .insert_masks import mask, unmask
 from .label import GPU, AffineOperatorSupport
+from .label_cmif import PROTECTION as CMIF_PROTECTION
+from .label_cmif import raw_token_nodes
 from .meta import CUT, PRIVATE_PARAM, SIDE, TAINT
 from .taint import PRIVATE, PUBLIC, SECRET, TaintPass, combine
 
@@ -22,10 +24,23 @@ class LeakError(RuntimeError):
     """A split program would show the GPU something it must not see."""
 
 
-def audit(boundary: fx.GraphModule, masking: str, private_globs: tuple[str, ...] = ()) -> None:
-    """Raise `LeakError` naming the first violated invariant; return None when all hold."""
+def audit(
+    boundary: fx.GraphModule,
+    masking: str,
+    private_globs: tuple[str, ...] = (),
+    policy: str = "secureinfer",
+    labelled: fx.GraphModule | None = None,
+) -> None:
+    """Raise `LeakError` naming the first violated invariant; return None when all hold.
+
+    Under `policy="cmif"` private values cross with ε-DP protection instead of masks and GPU stages need not be
+    affine, but no value computed from the raw token ids other than through the embedding may cross: the audit
+    recomputes those values on the `labelled` graph."""
     taint: dict[fx.Node, str] = {}
-    support = AffineOperatorSupport()
+    support = None if policy == "cmif" else AffineOperatorSupport()
+    expected = CMIF_PROTECTION if policy == "cmif" else masking
+    if policy == "cmif":
+        _check_no_raw_tokens_cross(boundary, labelled)
     for node in boundary.graph.nodes:
         if node.op == "placeholder":
             taint[node] = PRIVATE
@@ -33,8 +48,8 @@ def audit(boundary: fx.GraphModule, masking: str, private_globs: tuple[str, ...]
             stage = boundary.get_submodule(str(node.target))
             on_gpu = node.meta.get(SIDE) == GPU
             if on_gpu:
-                _check_gpu_inputs(node, taint, masking)
-            outputs = _stage_taints(stage, node, taint, private_globs, support if on_gpu else None)
+                _check_gpu_inputs(node, taint, expected)
+            outputs = _stage_taints(stage, node, taint, private_globs, support, on_gpu)
             for item in node.users:
                 taint[item] = outputs[item.args[1]]
                 if on_gpu and any(u.target is not unmask for u in item.users):
@@ -43,6 +58,15 @@ def audit(boundary: fx.GraphModule, masking: str, private_globs: tuple[str, ...]
             if node.target is operator.getitem and node.args[0].op == "call_module":
                 continue
             taint[node] = combine(taint[p] for p in node.all_input_nodes)
+
+
+def _check_no_raw_tokens_cross(boundary: fx.GraphModule, labelled: fx.GraphModule | None) -> None:
+    if labelled is None:
+        raise ValueError("auditing a cmif program needs its labelled graph")
+    raw = {n.name for n in raw_token_nodes(labelled)}
+    for node in boundary.graph.nodes:
+        if node.target is mask and node.args[0].name in raw:
+            raise LeakError(f"{node.args[0].name!r}, computed from the raw token ids, crosses to the GPU (cmif)")
 
 
 def _check_gpu_inputs(call: fx.Node, taint: dict[fx.Node, str], masking: str) -> None:
@@ -67,23 +91,25 @@ def _stage_taints(
     taint: dict[fx.Node, str],
     private_globs: tuple[str, ...],
     support: AffineOperatorSupport | None,
+    on_gpu: bool,
 ) -> list[str]:
-    """Taint of each stage output; with `support`, also check the stage is a legal GPU stage."""
+    """Taint of each stage output; for a GPU stage, also check it is legal (affine too, given `support`)."""
     args = [a.args[0] if a.target is mask else a for a in call.args]
     inputs = {p.name: taint[a] for p, a in zip(_placeholders(stage), args, strict=True)}
     TaintPass(private_globs, inputs)(stage)
-    if support is not None:
+    if on_gpu:
         _check_gpu_stage(stage, call, support)
     output = next(n for n in stage.graph.nodes if n.op == "output")
     return [n.meta[TAINT] for n in output.args[0]]
 
 
-def _check_gpu_stage(stage: fx.GraphModule, call: fx.Node, support: AffineOperatorSupport) -> None:
-    """Invariants 2 and 3 inside one GPU stage whose taint is already computed."""
+def _check_gpu_stage(stage: fx.GraphModule, call: fx.Node, support: AffineOperatorSupport | None) -> None:
+    """Invariants 2 (unless `support` is None) and 3 inside one GPU stage whose taint is already computed."""
     for node in stage.graph.nodes:
         if node.op == "get_attr" and node.meta.get(PRIVATE_PARAM):
             raise LeakError(f"{call.target}: private parameter {node.target!r} is on the GPU (invariant 3)")
-        if node.op == "call_function" and node.meta[TAINT] == PRIVATE and node.target is not operator.getitem:
+        private = node.op == "call_function" and node.meta[TAINT] == PRIVATE and node.target is not operator.getitem
+        if support is not None and private:
             ok, reason = support.check(node)
             if not ok:
                 raise LeakError(f"{call.target}: {node.name} is not affine in masked inputs ({reason}; invariant 2)")

@@ -12,6 +12,8 @@ from secure_split.passes.capture import InputSpec, lift_state, lower_to_aten
 from secure_split.passes.fold_public import FoldPublicPass
 from secure_split.passes.insert_masks import InsertMasksPass
 from secure_split.passes.label import LabelPass
+from secure_split.passes.label_cmif import PROTECTION as CMIF_PROTECTION
+from secure_split.passes.label_cmif import CmifLabelPass
 from secure_split.passes.leak_audit import audit
 from secure_split.passes.meta import REASON, SIDE
 from secure_split.passes.ring_lower import RingHeadroom, RingLowerPass
@@ -28,13 +30,13 @@ def compile_graph(
 ) -> SplitProgram:
     """Split one Dynamo graph, specialized to the shapes of `inputs`, into an audited `SplitProgram`."""
     partition = build_partition(label_graph(gm, specs, inputs, config))
-    InsertMasksPass(config.masking)(partition.boundary)
+    InsertMasksPass(config.masking, CMIF_PROTECTION if config.policy == "cmif" else None)(partition.boundary)
     _log("boundary graph", partition.boundary)
-    audit(partition.boundary, config.masking, config.private)
+    audit(partition.boundary, config.masking, config.private, config.policy, partition.labelled)
     if config.masking == "ring":
         _lower_to_ring(partition, config)
     program = SplitProgram(partition, config, [s.name for s in specs if s.kind == "user"])
-    if config.masking == "none" and program.cuts:
+    if config.masking == "none" and config.policy != "cmif" and program.cuts:
         log.warning("secure_split: masking='none': activations cross to the GPU in plaintext (baseline only)")
     log.info("%s", program.report())
     return program
@@ -57,7 +59,8 @@ def label_graph(gm: fx.GraphModule, specs: list[InputSpec], inputs: list[Any], c
     TaintPass(config.private)(aten)
     FoldPublicPass()(aten)
     rules = [RingHeadroom(config.frac_bits, config.activation_bound)] if config.masking == "ring" else []
-    LabelPass(min_gpu_flops=config.min_gpu_flops, rules=rules)(aten)
+    labeller = CmifLabelPass if config.policy == "cmif" else LabelPass
+    labeller(min_gpu_flops=config.min_gpu_flops, rules=rules)(aten)
     _log_labels(aten)
     return aten
 

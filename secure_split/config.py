@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 
-POLICIES_IMPLEMENTED = ("secureinfer",)
-POLICIES_PLANNED = ("talaria", "cmif", "auto")
+POLICIES_IMPLEMENTED = ("secureinfer", "cmif")
+POLICIES_PLANNED = ("talaria", "auto")
+DEFAULT_MASKING = {"secureinfer": "ring", "cmif": "none", "talaria": "remo", "auto": "ring"}
 MASKINGS_IMPLEMENTED = ("ring", "float", "none")
 MASKINGS_PLANNED = ("remo",)
 RING_KERNELS = ("auto", "int64", "limbs")
@@ -23,7 +24,8 @@ class SplitConfig:
     policy: which nodes the enclave keeps (DESIGN.md, "policies").
     masking: how values crossing to the GPU are hidden: "ring" (fixed-point values in Z_2^64 under uniform
         one-time pads: perfect hiding, exact unmasking), "float" (additive Gaussian masks: statistical hiding)
-        or "none" (plaintext; a baseline only, and the report says so).
+        or "none" (plaintext; a baseline only, and the report says so). None picks the policy's own: "ring",
+        or "none" for "cmif" (whose GPU runs everything after the embedding, on ε-DP-sanitized tokens).
     mask_scale: standard deviation of the float masks. Larger hides better and costs precision.
     frac_bits: ring masking's fixed-point precision: a value x travels as round(x·2^frac_bits).
     activation_bound: ring masking's declared bound on |x| for every value sent to the GPU. The compiler proves
@@ -43,7 +45,7 @@ class SplitConfig:
     """
 
     policy: str = "secureinfer"
-    masking: str = "ring"
+    masking: str | None = None
     mask_scale: float = 100.0
     frac_bits: int = 20
     activation_bound: float = 4096.0
@@ -58,7 +60,11 @@ class SplitConfig:
 
     def __post_init__(self) -> None:
         _check_choice("policy", self.policy, POLICIES_IMPLEMENTED, POLICIES_PLANNED)
+        if self.masking is None:
+            object.__setattr__(self, "masking", DEFAULT_MASKING[self.policy])
         _check_choice("masking", self.masking, MASKINGS_IMPLEMENTED, MASKINGS_PLANNED)
+        if self.policy == "cmif" and self.masking != "none":
+            raise ValueError("policy='cmif' runs non-linear layers on the GPU, which masks cannot pass: masking='none'")
         if not (isinstance(self.mask_scale, int | float) and self.mask_scale > 0):
             raise ValueError(f"SplitConfig.mask_scale must be a positive number, got {self.mask_scale!r}")
         _check_choice("ring_kernel", self.ring_kernel, RING_KERNELS, ())

@@ -25,8 +25,10 @@ from secure_split.enclave_runtime.csprng import CSPRNG
 from secure_split.enclave_runtime.integrity import CALL_SOUNDNESS_BITS, StageVerifier
 from secure_split.enclave_runtime.masking import MaskingScheme, hide, make_masking, reveal
 from secure_split.enclave_runtime.pool import CallKeys, KeyPool
+from secure_split.enclave_runtime.sanitizer import IdentitySanitizer, TokenSanitizer
 from secure_split.partitioner.stages import PartitionResult, StageSpec
 from secure_split.passes.insert_masks import Cut, cuts, mask, unmask
+from secure_split.passes.label_cmif import token_inputs
 from secure_split.passes.meta import CUT, PARAM_NAMES, SIDE
 from secure_split.passes.ring_lower import RING_BITS
 from secure_split.runtime.channel import Channel
@@ -71,9 +73,13 @@ class SplitProgram:
         self.pool_calls = 0  # calls whose keys came from the pool
         self.online_calls = 0  # calls whose keys were made on the spot
         self._gpu_calls = [n for n in self.boundary.graph.nodes if n.op == "call_module" and n.meta[SIDE] == "gpu"]
-        self._masked = [n for n in self.boundary.graph.nodes if n.target is mask and _is_masked(n.meta[CUT])]
+        self._masked = [n for n in self.boundary.graph.nodes if n.target is mask and n.meta[CUT].masked]
         self._zero_outputs: dict[str, tuple[torch.Tensor, ...]] = {}
         self.verifiers = self._make_verifiers() if config.verify else {}
+        self.sanitizer: TokenSanitizer | None = IdentitySanitizer() if config.policy == "cmif" else None
+        placeholders = [n.name for n in self.boundary.graph.nodes if n.op == "placeholder"]
+        tokens = {n.name for n in token_inputs(partition.labelled)}
+        self._token_inputs = [i for i, name in enumerate(placeholders) if name in tokens]
         self._entry: Callable[..., Any] | None = None
         if config.precompute:
             self.precompute(config.precompute)
@@ -86,6 +92,8 @@ class SplitProgram:
         """Execute on the graph's flat user inputs (what the compiled graph receives)."""
         global _last_run
         with torch.inference_mode():
+            if self.sanitizer is not None:  # CMIF: tokens are sanitized before anything reads them
+                inputs = tuple(self._sanitized(i, x) for i, x in enumerate(inputs))
             keys = self._keys_for_call()
             try:
                 result = _BoundaryInterpreter(self, keys).run(*inputs)
@@ -95,6 +103,10 @@ class SplitProgram:
         self.calls += 1
         _last_run = weakref.ref(self)
         return result
+
+    def _sanitized(self, index: int, value: torch.Tensor) -> torch.Tensor:
+        assert self.sanitizer is not None
+        return self.sanitizer.sanitize(value) if index in self._token_inputs else value
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Call with the model's own arguments (programs from `split()`), or with flat graph inputs."""
@@ -201,7 +213,7 @@ class SplitProgram:
     @property
     def pool_bytes_per_call(self) -> int:
         """Memory one call's keys take in the pool: masks, unmask terms and verification vectors."""
-        keyed = sum(c.nbytes for c in self.cuts if _is_masked(c))
+        keyed = sum(c.nbytes for c in self.cuts if c.masked)
         return keyed + sum(v.nbytes_per_call for v in self.verifiers.values())
 
     @property
@@ -217,7 +229,7 @@ class SplitProgram:
         f0 = self._zero_outputs.get(call.name) if cache else None
         if f0 is None:
             pairs = zip(call.args, held, strict=True)
-            zeros = [a.meta[CUT].empty().zero_() if _is_masked(a.meta[CUT]) else v for a, v in pairs]
+            zeros = [a.meta[CUT].empty().zero_() if a.meta[CUT].masked else v for a, v in pairs]
             f0 = tuple(stage(*zeros))
             if cache:
                 self._zero_outputs[call.name] = f0
@@ -234,13 +246,9 @@ def _draw(masking: MaskingScheme, cut: Cut) -> torch.Tensor:
     return cut.empty().copy_(masking.draw(cut.shape, cut.dtype))
 
 
-def _is_masked(cut: Cut) -> bool:
-    return cut.protection not in ("public", "none")
-
-
 def _all_masked(call: fx.Node) -> bool:
     """Whether every input of a GPU stage call crosses masked (so its unmask terms depend on masks alone)."""
-    return all(_is_masked(a.meta[CUT]) for a in call.args)
+    return all(a.meta[CUT].masked for a in call.args)
 
 
 class _BoundaryInterpreter(fx.Interpreter):
@@ -271,7 +279,7 @@ class _BoundaryInterpreter(fx.Interpreter):
         cut: Cut = n.meta[CUT]
         if value.is_floating_point():
             value = self.program.masking.encode(value, cut.name)
-        if _is_masked(cut):
+        if cut.masked:
             assert self.keys is not None
             value = hide(value, self.keys.masks[n.name])
         else:
@@ -284,7 +292,7 @@ class _BoundaryInterpreter(fx.Interpreter):
         item = n.args[0]
         assert item.target is operator.getitem
         call, index = item.args[0], item.args[1]
-        if _is_masked(cut):
+        if cut.masked:
             received = reveal(received, self._terms(call)[index])
         if call.name in self.program.verifiers:
             self.program.verifiers[call.name].check_range(index, received)
@@ -293,6 +301,6 @@ class _BoundaryInterpreter(fx.Interpreter):
     def _terms(self, call: fx.Node) -> tuple[torch.Tensor, ...]:
         assert self.keys is not None
         if call.name not in self.keys.terms:  # a stage with a public input: its terms depend on that input
-            held = [self.keys.masks[a.name] if _is_masked(a.meta[CUT]) else self.public[a.name] for a in call.args]
+            held = [self.keys.masks[a.name] if a.meta[CUT].masked else self.public[a.name] for a in call.args]
             self.keys.terms[call.name] = self.program.unmask_terms(call, held, cache=False)
         return self.keys.terms[call.name]

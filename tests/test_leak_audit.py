@@ -19,7 +19,7 @@ def mlp() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)).eval()
 
 
-def labelled_graph(model, x, private=()):
+def labelled_graph(model, x, private=(), **config):
     captured = []
 
     def backend(gm, example_inputs):
@@ -28,7 +28,7 @@ def labelled_graph(model, x, private=()):
 
     torch.compile(model, backend=backend, fullgraph=True, dynamic=False)(x)
     gm, inputs, specs = captured[0]  # Dynamo drops the placeholders' sources once the backend returns
-    return label_graph(gm, specs, inputs, SplitConfig(private=private))
+    return label_graph(gm, specs, inputs, SplitConfig(private=private, **config))
 
 
 def finish(aten, masking="float", private=()):

@@ -1,11 +1,18 @@
-"""Policies and their contracts: private weights (PEFT LoRA) under secureinfer, and which side holds what."""
+"""Policies and their contracts: private weights (PEFT LoRA) under secureinfer, CMIF's ε-DP cut, who holds what."""
 
 import peft
+import pytest
 import torch
+from test_leak_audit import labelled_graph
 from tiny_models import tiny_inputs, tiny_model
 
 import secure_split
 from secure_split import SplitConfig
+from secure_split.partitioner.stages import build_partition
+from secure_split.passes.insert_masks import InsertMasksPass
+from secure_split.passes.label_cmif import PROTECTION as CMIF_PROTECTION
+from secure_split.passes.leak_audit import LeakError, audit
+from secure_split.passes.meta import SIDE
 
 
 def lora_llama():
@@ -31,3 +38,61 @@ def test_secureinfer_keeps_a_peft_lora_adapter_in_the_enclave():
     assert not [n for n in gpu if "lora_" in n], "a private adapter weight reached the GPU"
     assert "layers.0.self_attn.q_proj.base_layer.weight" in gpu  # the public base weight is offloaded
     assert program.report().kept_in_enclave["touches a private parameter"] == 8
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+def test_cmif_embeds_in_the_enclave_and_runs_the_rest_on_the_gpu(name):
+    model = tiny_model(name)
+    args, kwargs = tiny_inputs(name)
+    program = secure_split.split(model, args, kwargs, SplitConfig(policy="cmif"))
+    with secure_split.trace_boundary() as trace:
+        out = program(*args, **kwargs).last_hidden_state
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(*args, **kwargs).last_hidden_state)  # identity sanitizer: exact
+    report = program.report()
+    assert report.masking == "none" and set(report.protection) <= {CMIF_PROTECTION, "public"}
+    assert report.enclave_flop_share < 0.01
+    table = model.get_input_embeddings().weight
+    word_embeddings = {n for n, p in model.named_parameters() if p is table}
+    assert set(program.parameter_names("enclave")) == word_embeddings  # the embedding table, nothing else
+    assert not word_embeddings & set(program.parameter_names("gpu"))
+    ids = args[0]
+    for record in trace.to_gpu():  # raw ids never cross; the embeddings of them do
+        assert not (record.tensor.shape == ids.shape and torch.equal(record.tensor, ids)), record.name
+
+
+class ConstantSanitizer:
+    """Replaces every token by one id: shows the hook runs before the embedding."""
+
+    epsilon = 0.0
+
+    def sanitize(self, token_ids):
+        return torch.full_like(token_ids, 7)
+
+
+def test_cmif_sanitizer_hook_runs_before_the_embedding():
+    model = tiny_model("bert")
+    args, kwargs = tiny_inputs("bert")
+    program = secure_split.split(model, args, kwargs, SplitConfig(policy="cmif"))
+    program.sanitizer = ConstantSanitizer()
+    with torch.no_grad():
+        expected = model(torch.full_like(args[0], 7), **kwargs).last_hidden_state
+    torch.testing.assert_close(program(*args, **kwargs).last_hidden_state, expected)
+
+
+def test_cmif_audit_refuses_raw_tokens_on_the_gpu():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 4), torch.nn.ReLU()).eval()
+    aten = labelled_graph(model, torch.randint(0, 50, (2, 5)), policy="cmif")
+    embedding = next(n for n in aten.graph.nodes if n.target == torch.ops.aten.embedding.default)
+    assert embedding.meta[SIDE] == "enclave"
+    embedding.meta[SIDE] = "gpu"  # a mislabelled look-up would send the raw ids
+    partition = build_partition(aten)
+    InsertMasksPass("none", CMIF_PROTECTION)(partition.boundary)
+    with pytest.raises(LeakError, match="raw token ids"):
+        audit(partition.boundary, "none", (), "cmif", partition.labelled)
+
+
+def test_cmif_refuses_masks():
+    with pytest.raises(ValueError, match="cmif"):
+        SplitConfig(policy="cmif", masking="ring")
