@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from copy import deepcopy
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from secure_split.passes.flops import node_flops
 from secure_split.passes.label import is_getitem
 from secure_split.passes.meta import REASON, SIDE, TAINT
 from secure_split.passes.taint import PRIVATE
+
+from .draw import SplitGraph, draw_report, extract_graph
 
 if TYPE_CHECKING:
     from .program import SplitProgram
@@ -41,9 +45,14 @@ class PartitionReport:
     pool_bytes_per_call: int  # masks + unmask terms of one call
     verify_error_bits: float | None  # a wrong GPU answer passes a call's checks with probability ≤ 2^-this
     cut_table: list[dict[str, Any]] = field(default_factory=list)
+    graph: SplitGraph | None = field(default=None, repr=False, compare=False)  # for draw(); not serialised
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {f.name: deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "graph"}
+
+    def draw(self, path: str | Path) -> Path:
+        """Render the split graph to `path` (.svg or .png): enclave and GPU lanes, cuts labelled with bytes."""
+        return draw_report(self, path)
 
     def __str__(self) -> str:
         rows = [
@@ -108,4 +117,5 @@ def build_report(program: SplitProgram) -> PartitionReport:
              "protection": c.protection, "shape": list(c.shape), "dtype": str(c.dtype), "bytes": c.nbytes}
             for c in program.cuts
         ],
+        graph=extract_graph(program),
     )
