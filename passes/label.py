@@ -139,6 +139,10 @@ class LabelPass(PassBase):
         nodes = [n for n in graph_module.graph.nodes if not is_getitem(n)]
         for node in nodes:
             self._initial(node)
+        return self._finish(graph_module, nodes)
+
+    def _finish(self, graph_module: fx.GraphModule, nodes: list[fx.Node]) -> PassResult:
+        """Demote until nothing changes, place public values, label getitems like their producers."""
         while self._demote_detached_glue(nodes) | self._demote_small_regions(nodes) | self._apply_rules(nodes):
             pass
         self._place_public(nodes)

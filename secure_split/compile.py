@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import fx
 
+from secure_split.partitioner.min_cut import MinCutLabelPass
 from secure_split.partitioner.stages import PartitionResult, build_partition
 from secure_split.passes.capture import InputSpec, lift_state, lower_to_aten
 from secure_split.passes.fold_public import FoldPublicPass
@@ -59,8 +60,12 @@ def label_graph(gm: fx.GraphModule, specs: list[InputSpec], inputs: list[Any], c
     TaintPass(config.private)(aten)
     FoldPublicPass()(aten)
     rules = [RingHeadroom(config.frac_bits, config.activation_bound)] if config.masking == "ring" else []
-    labeller = CmifLabelPass if config.policy == "cmif" else LabelPass
-    labeller(min_gpu_flops=config.min_gpu_flops, rules=rules)(aten)
+    if config.policy == "auto":
+        wire = 2.0 if config.masking == "ring" else 1.0  # float32 values cross as int64
+        MinCutLabelPass(config.cost, wire, min_gpu_flops=config.min_gpu_flops, rules=rules)(aten)
+    else:
+        labeller = CmifLabelPass if config.policy == "cmif" else LabelPass
+        labeller(min_gpu_flops=config.min_gpu_flops, rules=rules)(aten)
     _log_labels(aten)
     return aten
 

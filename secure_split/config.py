@@ -8,8 +8,10 @@ from typing import Any
 
 import torch
 
-POLICIES_IMPLEMENTED = ("secureinfer", "cmif")
-POLICIES_PLANNED = ("talaria", "auto")
+from secure_split.partitioner.min_cut import Cost
+
+POLICIES_IMPLEMENTED = ("secureinfer", "cmif", "auto")
+POLICIES_PLANNED = ("talaria",)
 DEFAULT_MASKING = {"secureinfer": "ring", "cmif": "none", "talaria": "remo", "auto": "ring"}
 MASKINGS_IMPLEMENTED = ("ring", "float", "none")
 MASKINGS_PLANNED = ("remo",)
@@ -36,6 +38,8 @@ class SplitConfig:
         (make its masks and unmask terms on the spot) or "raise".
     verify: check every GPU result with a Freivalds-style test (ring masking only): a wrong answer is caught
         with probability ≥ 1 - 2^-40 per call; the check vectors are made offline with the other keys.
+    cost: the `auto` policy's cost model (`partitioner.min_cut.Cost`, or a dict of its fields): link bytes/s,
+        latency per crossing, FLOP/s of the enclave and of the GPU.
     precompute: keys for this many calls are put in the pool when a program is built (with torch.compile the
         program is built by the first call, which then already takes its keys from the pool).
     device: where GPU stages run; None picks "cuda" when available, else "cpu".
@@ -53,6 +57,7 @@ class SplitConfig:
     pool_empty: str = "online"
     precompute: int = 0
     verify: bool = False
+    cost: Cost = field(default_factory=Cost)
     device: str | None = None
     seed: int | None = None
     private: tuple[str, ...] = field(default_factory=tuple)
@@ -79,6 +84,10 @@ class SplitConfig:
             raise ValueError("masking='none' uses no masks: precompute and pool_empty='raise' do not apply")
         if self.verify and self.masking != "ring":
             raise ValueError(f"SplitConfig.verify=True needs masking='ring' (exact results), got {self.masking!r}")
+        if isinstance(self.cost, dict):
+            object.__setattr__(self, "cost", Cost(**self.cost))
+        if not isinstance(self.cost, Cost) or min(dataclasses.astuple(self.cost)) <= 0:
+            raise ValueError(f"SplitConfig.cost must be a Cost with positive fields, got {self.cost!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise TypeError(f"SplitConfig.seed must be an int or None, got {type(self.seed).__name__}")
         if isinstance(self.private, str):

@@ -8,6 +8,7 @@ from tiny_models import tiny_inputs, tiny_model
 
 import secure_split
 from secure_split import SplitConfig
+from secure_split.partitioner.min_cut import crossing_bytes
 from secure_split.partitioner.stages import build_partition
 from secure_split.passes.insert_masks import InsertMasksPass
 from secure_split.passes.label_cmif import PROTECTION as CMIF_PROTECTION
@@ -96,3 +97,42 @@ def test_cmif_audit_refuses_raw_tokens_on_the_gpu():
 def test_cmif_refuses_masks():
     with pytest.raises(ValueError, match="cmif"):
         SplitConfig(policy="cmif", masking="ring")
+
+
+def split_report(name, **config):
+    torch._dynamo.reset()
+    model = tiny_model(name)
+    args, kwargs = tiny_inputs(name)
+    program = secure_split.split(model, args, kwargs, SplitConfig(seed=0, **config))
+    with torch.no_grad():
+        reference = model(*args, **kwargs).last_hidden_state
+    torch.testing.assert_close(program(*args, **kwargs).last_hidden_state, reference, atol=5e-4, rtol=1e-3)
+    return program, program.report()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+def test_auto_never_crosses_more_than_secureinfer(name):
+    slow_enclave = {"enclave_flops_per_s": 1e8}  # offloading pays: auto must still not cross more
+    _, secureinfer = split_report(name, cost=slow_enclave)
+    _, auto = split_report(name, policy="auto", cost=slow_enclave)
+    assert auto.bytes_to_gpu + auto.bytes_to_enclave <= secureinfer.bytes_to_gpu + secureinfer.bytes_to_enclave
+    assert auto.enclave_flop_share < 0.25 and auto.protection == {"ring": auto.cuts}
+    _, local = split_report(name, policy="auto")  # default costs: a tiny model is cheaper to keep at home
+    assert local.round_trips == 0 and local.enclave_flop_share == 1.0
+
+
+def test_auto_saves_bytes_on_bert_and_counts_them_as_the_runtime_does():
+    slow_enclave = {"enclave_flops_per_s": 1e8}
+    _, secureinfer = split_report("bert", cost=slow_enclave)
+    program, auto = split_report("bert", policy="auto", cost=slow_enclave)
+    assert auto.bytes_to_gpu + auto.bytes_to_enclave < secureinfer.bytes_to_gpu + secureinfer.bytes_to_enclave
+    labelled = program.partition.labelled
+    assert 2 * crossing_bytes(labelled) == auto.bytes_to_gpu + auto.bytes_to_enclave  # float32 crosses as int64
+
+
+def test_cost_is_validated():
+    assert SplitConfig(policy="auto", cost={"latency_s": 1e-3}).cost.latency_s == 1e-3
+    with pytest.raises(ValueError, match="cost"):
+        SplitConfig(policy="auto", cost={"latency_s": 0})
+    with pytest.raises(TypeError):
+        SplitConfig(policy="auto", cost={"bandwidth": 1})
