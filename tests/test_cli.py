@@ -79,9 +79,10 @@ def test_inspect_rejects_an_unknown_model():
 
 
 def test_inspect_draws_one_svg_per_split_policy(tmp_path, capsys):
-    assert main(["inspect", "--model", "gpt2", "--policies", "secureinfer,auto", "--draw", str(tmp_path / "out")]) == 0
+    out = str(tmp_path / "out")
+    assert main(["inspect", "--model", "gpt2", "--policies", "secureinfer,talaria", "--draw", out]) == 0
     drawn = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert drawn == ["gpt2_secureinfer.svg"]  # auto is not implemented: nothing to draw
+    assert drawn == ["gpt2_secureinfer.svg"]  # talaria is not implemented: nothing to draw
     assert ET.parse(tmp_path / "out" / drawn[0]).getroot().tag.endswith("svg")
     assert f"drew {tmp_path / 'out' / drawn[0]}" in capsys.readouterr().out
 
