@@ -13,7 +13,7 @@ public weights. Both attacks are scored as top-1 token recovery on held-out inpu
 A crossing is mapped to tokens when it is [B, T, ...], [B, H, T, ...] (per head; per query for attention) or
 [B·T, ...]; other cuts are skipped and listed. A ring crossing (int64) is read as int / 2^frac_bits.
 
-Models: tiny GPT-2 (tests/tiny_models.py: random weights, vocabulary 128) on uniform random token ids, chance
+Models: tiny GPT-2 (secure_split.tiny: random weights, vocabulary 128) on uniform random token ids, chance
 1/128; and all-MiniLM-L6-v2 (real weights) on English sentences taken from the docstrings of Python
 standard-library modules (DOC_MODULES, as installed with the Python running this script; nothing is
 downloaded). For MiniLM only content tokens count (not [CLS], [SEP] or padding), the probe's classes are the ids
@@ -44,15 +44,14 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import torch
-from tiny_models import VOCAB, tiny_model
 
 import secure_split
 from secure_split import SplitConfig
 from secure_split.demo import load_minilm
 from secure_split.runtime.channel import Crossing
+from secure_split.tiny import VOCAB, tiny_model
 
 RESULTS = Path(__file__).parent / "results"
 DOC_MODULES = ("argparse", "asyncio", "collections", "concurrent.futures", "contextlib", "csv", "dataclasses",

@@ -13,7 +13,6 @@ if TYPE_CHECKING:
 
 MODELS = ("gpt2", "llama", "bert", "minilm")
 POLICIES = "secureinfer,talaria,cmif,auto"
-TINY_VOCAB = 128
 # (row label, how to show it): the key counts of `PartitionReport`, one row each in `inspect`'s table
 ROWS = (
     ("masking", lambda r: r.masking),
@@ -96,29 +95,15 @@ def _failure(error: str) -> str:
 
 def build_model(name: str) -> tuple[torch.nn.Module, tuple[Any, ...], dict[str, Any]]:
     """The model and example inputs `inspect` splits: tiny ones from config (seeded), MiniLM from disk."""
-    import torch
-    import transformers
-
     if name == "minilm":
         from .demo import SENTENCES, load_minilm
 
         model, tokenizer = load_minilm()
         return model, (), dict(tokenizer(SENTENCES, padding=True, return_tensors="pt"))
-    small = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                 vocab_size=TINY_VOCAB, max_position_embeddings=64)  # fmt: skip
-    config = {
-        "gpt2": lambda: transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=TINY_VOCAB, n_positions=64,
-                                                bos_token_id=0, eos_token_id=0),
-        "llama": lambda: transformers.LlamaConfig(**small, num_key_value_heads=2),
-        "bert": lambda: transformers.BertConfig(**small),
-    }[name]()  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.AutoModel.from_config(config).eval()
-    ids = torch.randint(2, TINY_VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
-    kwargs: dict[str, Any] = {"attention_mask": torch.ones(2, 16, dtype=torch.long)}
-    if name != "bert":  # decoders: no KV cache, the graph is one forward pass
-        kwargs["use_cache"] = False
-    return model, (ids,), kwargs
+    from .tiny import tiny_inputs, tiny_model
+
+    args, kwargs = tiny_inputs(name)
+    return tiny_model(name), args, kwargs
 
 
 def _describe(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
