@@ -24,7 +24,7 @@ class FoldPublicPass(PassBase):
         for node in list(graph_module.graph.nodes):
             if node.op == "get_attr":
                 values[node] = getattr(graph_module, str(node.target))
-            elif node.op == "call_function" and node.meta.get(TAINT) == PUBLIC and _deterministic(node):
+            elif node.op == "call_function" and node.meta.get(TAINT) == PUBLIC and _foldable(node, values):
                 args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: values[n])
                 with torch.no_grad():
                     values[node] = node.target(*args, **kwargs)
@@ -36,9 +36,10 @@ class FoldPublicPass(PassBase):
         return PassResult(graph_module, folded > 0)
 
 
-def _deterministic(node: fx.Node) -> bool:
+def _foldable(node: fx.Node, values: dict[fx.Node, object]) -> bool:
+    """Deterministic, and computed from folded values only (a random draw upstream makes it vary per call)."""
     tags = getattr(node.target, "tags", ())
-    return torch.Tag.nondeterministic_seeded not in tags
+    return torch.Tag.nondeterministic_seeded not in tags and all(p in values for p in node.all_input_nodes)
 
 
 def _folds(node: fx.Node) -> bool:

@@ -128,12 +128,16 @@ class LabelPass(PassBase):
         support: AffineOperatorSupport | None = None,
         min_gpu_flops: int = 1,
         rules: Sequence[Callable[[list[fx.Node]], bool]] = (),
+        public_on_gpu: bool = True,
     ) -> None:
-        """`rules` demote more nodes (e.g. masking-specific limits); each returns True when it changed a label."""
+        """`rules` demote more nodes (e.g. masking-specific limits); each returns True when it changed a label.
+        `public_on_gpu=False` computes every public value that is not folded (e.g. a random draw) in the
+        enclave, which sends it as it is (ring masking cannot lower arbitrary public ops onto integers)."""
         super().__init__()
         self.support = support or AffineOperatorSupport()
         self.min_gpu_flops = min_gpu_flops
         self.rules = rules
+        self.public_on_gpu = public_on_gpu
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         nodes = [n for n in graph_module.graph.nodes if not is_getitem(n)]
@@ -199,7 +203,7 @@ class LabelPass(PassBase):
         for node in reversed(nodes):
             if node.op == "call_function" and node.meta[TAINT] == PUBLIC:
                 users = consumers(node)
-                on_gpu = bool(users) and all(_side(u) == GPU for u in users)
+                on_gpu = self.public_on_gpu and bool(users) and all(_side(u) == GPU for u in users)
                 _set(node, GPU if on_gpu else ENCLAVE, "public: computed where it is used")
 
 

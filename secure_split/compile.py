@@ -59,13 +59,13 @@ def label_graph(gm: fx.GraphModule, specs: list[InputSpec], inputs: list[Any], c
     _log("captured ATen graph", aten)
     TaintPass(config.private)(aten)
     FoldPublicPass()(aten)
-    rules = [RingHeadroom(config.frac_bits, config.activation_bound)] if config.masking == "ring" else []
+    ring = config.masking == "ring"
+    options = dict(min_gpu_flops=config.min_gpu_flops, public_on_gpu=not ring,
+                   rules=[RingHeadroom(config.frac_bits, config.activation_bound)] if ring else [])  # fmt: skip
     if config.policy == "auto":
-        wire = 2.0 if config.masking == "ring" else 1.0  # float32 values cross as int64
-        MinCutLabelPass(config.cost, wire, min_gpu_flops=config.min_gpu_flops, rules=rules)(aten)
+        MinCutLabelPass(config.cost, 2.0 if ring else 1.0, **options)(aten)  # ring: float32 crosses as int64
     else:
-        labeller = CmifLabelPass if config.policy == "cmif" else LabelPass
-        labeller(min_gpu_flops=config.min_gpu_flops, rules=rules)(aten)
+        (CmifLabelPass if config.policy == "cmif" else LabelPass)(**options)(aten)
     _log_labels(aten)
     return aten
 

@@ -167,3 +167,30 @@ def test_cuda_ring_products_equal_cpu_int64():
     a, w = uniform64(64, 512), uniform64(512, 96, seed=1) >> 40
     on_cuda = ring_product("mm", a.cuda(), w.cuda(), 1, "auto")
     assert torch.equal(on_cuda.cpu(), a @ w)
+
+
+class NoisyMLP(torch.nn.Module):
+    """A public value that cannot be folded (a random draw) feeds a GPU op: it crosses, and its stage's unmask
+    terms depend on it, so they are made online even when the pool is full."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.out = torch.nn.Linear(16, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.lin(x) + torch.randn(4, 8) * 0.0))
+
+
+@pytest.mark.parametrize("masking", ["ring", "float"])
+def test_a_public_run_time_input_of_a_gpu_stage(masking):
+    torch.manual_seed(0)
+    model, x = NoisyMLP().eval(), torch.randn(4, 16)
+    program = secure_split.split(model, (x,), config=SplitConfig(masking=masking, seed=0))
+    program.precompute(1)
+    with torch.no_grad():
+        torch.testing.assert_close(program(x), model(x), atol=1e-4, rtol=1e-4)
+    assert program.report().keys_from_pool == 1
+    if masking == "ring":  # computed in the enclave, sent encoded (float: computed on the GPU itself)
+        assert program.report().protection["public"] == 1
+        with pytest.raises(NotImplementedError, match="public value"):
+            secure_split.split(model, (x,), config=SplitConfig(seed=0, verify=True))
