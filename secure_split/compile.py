@@ -39,7 +39,8 @@ def compile_graph(
     program = SplitProgram(partition, config, [s.name for s in specs if s.kind == "user"])
     if config.masking == "none" and config.policy != "cmif" and program.cuts:
         log.warning("secure_split: masking='none': activations cross to the GPU in plaintext (baseline only)")
-    log.info("%s", program.report())
+    if log.isEnabledFor(logging.INFO):  # a report walks the whole graph: build it only to print it
+        log.info("%s", program.report())
     return program
 
 

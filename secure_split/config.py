@@ -9,13 +9,13 @@ from typing import Any
 import torch
 
 from secure_split.partitioner.min_cut import Cost
+from secure_split.runtime.ring_kernels import KERNELS as RING_KERNELS
 
 POLICIES_IMPLEMENTED = ("secureinfer", "cmif", "auto")
 POLICIES_PLANNED = ("talaria",)
 DEFAULT_MASKING = {"secureinfer": "ring", "cmif": "none", "talaria": "remo", "auto": "ring"}
 MASKINGS_IMPLEMENTED = ("ring", "float", "none")
 MASKINGS_PLANNED = ("remo",)
-RING_KERNELS = ("auto", "int64", "limbs")
 POOL_EMPTY = ("online", "raise")
 
 

@@ -77,9 +77,7 @@ class SplitProgram:
         self._zero_outputs: dict[str, tuple[torch.Tensor, ...]] = {}
         self.verifiers = self._make_verifiers() if config.verify else {}
         self.sanitizer: TokenSanitizer | None = IdentitySanitizer() if config.policy == "cmif" else None
-        placeholders = [n.name for n in self.boundary.graph.nodes if n.op == "placeholder"]
-        tokens = {n.name for n in token_inputs(partition.labelled)}
-        self._token_inputs = [i for i, name in enumerate(placeholders) if name in tokens]
+        self._token_inputs = _token_positions(partition) if config.policy == "cmif" else []
         self._entry: Callable[..., Any] | None = None
         if config.precompute:
             self.precompute(config.precompute)
@@ -244,6 +242,13 @@ class SplitProgram:
 def _draw(masking: MaskingScheme, cut: Cut) -> torch.Tensor:
     """A fresh mask for `cut`, in the layout the GPU stage was traced with (its views depend on it)."""
     return cut.empty().copy_(masking.draw(cut.shape, cut.dtype))
+
+
+def _token_positions(partition: PartitionResult) -> list[int]:
+    """Which flat graph inputs are token ids (CMIF sanitizes them before anything reads them)."""
+    placeholders = [n.name for n in partition.boundary.graph.nodes if n.op == "placeholder"]
+    tokens = {n.name for n in token_inputs(partition.labelled)}
+    return [i for i, name in enumerate(placeholders) if name in tokens]
 
 
 def _all_masked(call: fx.Node) -> bool:
