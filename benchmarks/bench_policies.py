@@ -23,7 +23,7 @@ from transformers import GPT2Config, GPT2Model
 
 import secure_split
 from secure_split import SplitConfig
-from secure_split.config import POLICIES_IMPLEMENTED
+from secure_split.config import POLICIES
 
 RESULTS = Path(__file__).parent / "results"
 SIZES = {"gpt2-2x128": (2, 128), "gpt2-6x384": (6, 384), "gpt2-12x768 (small)": (12, 768)}
@@ -59,7 +59,7 @@ def main() -> None:
         ids = torch.randint(0, model.config.vocab_size, (1, args.seq))
         with torch.no_grad():
             eager_s = timed(lambda m=model, x=ids: m(x, use_cache=False), args.repeats)
-        for policy in POLICIES_IMPLEMENTED:
+        for policy in POLICIES:
             rows.append({"model": label, **measure(model, ids, policy, eager_s, args.repeats)})
             print_row(rows[-1])
     RESULTS.mkdir(exist_ok=True)

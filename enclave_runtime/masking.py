@@ -74,6 +74,38 @@ class FloatMasking(_FloatingPoint):
         return self.rng.gaussian(shape, self.scale, dtype)
 
 
+class RemoMasking(_FloatingPoint):
+    """ReMO's factored masks: a value's rows get P · Q, P secret and fresh per call, Q public per program.
+
+    Q (m × d) has orthonormal rows, so each row's mask is Gaussian with std `scale` inside the m-dimensional
+    subspace Q spans, and zero outside it: with m < d that complement crosses unmasked. Because the mask is
+    P · Q, the unmask term of a row-wise stage L is P · L(Q), and L(Q) is computed by whoever holds the weights.
+    """
+
+    name = "remo"
+
+    def __init__(self, rng: CSPRNG, scale: float, rank: int | None) -> None:
+        self.rng = rng
+        self.scale = scale
+        self.rank = rank
+
+    def rank_for(self, width: int) -> int:
+        """m for rows of `width` features: the configured rank, at most the width (None: full rank)."""
+        return width if self.rank is None else min(self.rank, width)
+
+    def basis(self, width: int) -> torch.Tensor:
+        """A public Q: `rank_for(width)` orthonormal rows of length `width` (float64)."""
+        q, _ = torch.linalg.qr(self.rng.gaussian((width, self.rank_for(width)), 1.0, torch.float64))
+        return q.T.contiguous()
+
+    def factor(self, rows: int, rank: int) -> torch.Tensor:
+        """A secret P for one call: Gaussian, std `scale` (float64)."""
+        return self.rng.gaussian((rows, rank), self.scale, torch.float64)
+
+    def draw(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        raise RuntimeError("remo masks are drawn as factors P · Q (secure_split.remo.RemoKeys)")
+
+
 class NoMasking(_FloatingPoint):
     """Plaintext crossing: a baseline, reported as unprotected. It draws no masks."""
 
@@ -97,11 +129,15 @@ def reveal(value: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
     return torch.sub(value, term, out=torch.empty_like(value))
 
 
-def make_masking(name: str, rng: CSPRNG, mask_scale: float, frac_bits: int, activation_bound: float) -> MaskingScheme:
+def make_masking(
+    name: str, rng: CSPRNG, mask_scale: float, frac_bits: int, activation_bound: float, remo_rank: int | None
+) -> MaskingScheme:
     if name == "ring":
         return RingMasking(rng, frac_bits, activation_bound)
     if name == "float":
         return FloatMasking(rng, mask_scale)
+    if name == "remo":
+        return RemoMasking(rng, mask_scale, remo_rank)
     if name == "none":
         return NoMasking()
     raise ValueError(f"no masking scheme named {name!r}")

@@ -11,7 +11,7 @@ from torch import fx
 from torch.func import functionalize
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from .meta import PARAM_NAMES
+from .meta import PARAM_NAMES, WEIGHTS
 
 InputKind = Literal["user", "parameter", "buffer", "constant", "symint"]
 
@@ -82,6 +82,7 @@ def lift_state(aten: fx.GraphModule, specs: list[InputSpec], inputs: list[Any]) 
             const = aten.graph.get_attr(attr)
         const.meta.update(node.meta)
         const.meta[PARAM_NAMES] = (spec.name,)
+        const.meta[WEIGHTS] = (spec.name,) if spec.kind == "parameter" else ()
         node.replace_all_uses_with(const)
         aten.graph.erase_node(node)
     aten.graph.lint()

@@ -11,7 +11,7 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from .meta import PARAM_NAMES, PRIVATE_PARAM, TAINT
+from .meta import PARAM_NAMES, PRIVATE_PARAM, TAINT, WEIGHTS
 from .taint import PUBLIC
 
 
@@ -53,14 +53,15 @@ def _replace_with_constant(gm: fx.GraphModule, node: fx.Node, value: torch.Tenso
     with gm.graph.inserting_before(node):
         const = gm.graph.get_attr(attr)
     const.meta.update(node.meta)
-    const.meta[PARAM_NAMES] = _sources(node)
+    const.meta[PARAM_NAMES] = _sources(node, PARAM_NAMES)
+    const.meta[WEIGHTS] = _sources(node, WEIGHTS)
     const.meta[PRIVATE_PARAM] = False
     node.replace_all_uses_with(const)
     return const
 
 
-def _sources(node: fx.Node) -> tuple[str, ...]:
-    """The model parameters a public value was computed from."""
+def _sources(node: fx.Node, key: str) -> tuple[str, ...]:
+    """The model state (PARAM_NAMES) or parameters (WEIGHTS) a public value was computed from."""
     names: set[str] = set()
     stack, seen = [node], set()
     while stack:
@@ -68,6 +69,6 @@ def _sources(node: fx.Node) -> tuple[str, ...]:
         if n in seen:
             continue
         seen.add(n)
-        names.update(n.meta.get(PARAM_NAMES, ()) if n.op == "get_attr" else ())
+        names.update(n.meta.get(key, ()) if n.op == "get_attr" else ())
         stack.extend(n.all_input_nodes)
     return tuple(sorted(names))

@@ -21,7 +21,7 @@ from .label import GPU
 from .meta import CUT, SIDE, STAGE, TAINT
 from .taint import PUBLIC
 
-MASKED = ("ring", "float")
+MASKED = ("ring", "float", "remo")
 
 
 @dataclass(frozen=True)

@@ -169,6 +169,10 @@ class LabelPass(PassBase):
             ok, reason = self.support.check(node)
             _set(node, GPU if ok else ENCLAVE, reason)
 
+    def _anchor(self, node: fx.Node) -> bool:
+        """Work that is worth a GPU region on its own (glue around it follows it)."""
+        return is_compute(node)
+
     def _apply_rules(self, nodes: list[fx.Node]) -> bool:
         changed = False
         for rule in self.rules:
@@ -179,7 +183,7 @@ class LabelPass(PassBase):
         """Affine glue stays on the GPU only next to GPU work: fed by it, or feeding only it."""
         changed = False
         for node in nodes:
-            if node.meta[SIDE] != GPU or is_compute(node):
+            if node.meta[SIDE] != GPU or self._anchor(node):
                 continue
             fed = all(_side(producer(p)) == GPU for p in node.all_input_nodes if p.meta[TAINT] == PRIVATE)
             users = consumers(node)
@@ -193,7 +197,7 @@ class LabelPass(PassBase):
         changed = False
         for region in gpu_regions(nodes):
             flops = sum(node_flops(n) for n in region)
-            if not any(is_compute(n) for n in region) or flops < self.min_gpu_flops:
+            if not any(self._anchor(n) for n in region) or flops < self.min_gpu_flops:
                 for node in region:
                     _set(node, ENCLAVE, f"GPU region of {flops} FLOPs without enough linear work")
                 changed = True

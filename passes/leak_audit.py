@@ -3,7 +3,9 @@
 The audit trusts no label: it recomputes taint through the boundary graph and inside every stage, then checks
 1. every input of a GPU stage arrives through a `mask` op, masked unless it holds no user data;
 2. every GPU stage is affine in its masked inputs;
-3. no private parameter is read by a GPU stage.
+3. no private parameter is read by a GPU stage;
+and the policy's own contract: under `talaria`, no enclave stage holds a parameter; under `remo` masking,
+every GPU stage is row-wise (`passes.rowwise`); under `cmif`, no raw token id crosses.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from .insert_masks import mask, unmask
 from .label import GPU, AffineOperatorSupport
 from .label_cmif import PROTECTION as CMIF_PROTECTION
 from .label_cmif import raw_token_nodes
-from .meta import CUT, PRIVATE_PARAM, SIDE, TAINT
+from .meta import CUT, PRIVATE_PARAM, SIDE, TAINT, WEIGHTS
+from .rowwise import RowwiseSupport
 from .taint import PRIVATE, PUBLIC, SECRET, TaintPass, combine
 
 
@@ -37,10 +40,12 @@ def audit(
     affine, but no value computed from the raw token ids other than through the embedding may cross: the audit
     recomputes those values on the `labelled` graph."""
     taint: dict[fx.Node, str] = {}
-    support = None if policy == "cmif" else AffineOperatorSupport()
+    support = None if policy == "cmif" else RowwiseSupport() if masking == "remo" else AffineOperatorSupport()
     expected = CMIF_PROTECTION if policy == "cmif" else masking
     if policy == "cmif":
         _check_no_raw_tokens_cross(boundary, labelled)
+    if policy == "talaria":
+        _check_no_weight_in_enclave(boundary)
     for node in boundary.graph.nodes:
         if node.op == "placeholder":
             taint[node] = PRIVATE
@@ -67,6 +72,17 @@ def _check_no_raw_tokens_cross(boundary: fx.GraphModule, labelled: fx.GraphModul
     for node in boundary.graph.nodes:
         if node.target is mask and node.args[0].name in raw:
             raise LeakError(f"{node.args[0].name!r}, computed from the raw token ids, crosses to the GPU (cmif)")
+
+
+def _check_no_weight_in_enclave(boundary: fx.GraphModule) -> None:
+    """Talaria's contract: no enclave stage (nor the boundary graph itself) holds a model parameter."""
+    graphs = [("the boundary graph", boundary)]
+    graphs += [(str(n.target), boundary.get_submodule(str(n.target))) for n in boundary.graph.nodes
+               if n.op == "call_module" and n.meta.get(SIDE) != GPU]  # fmt: skip
+    for where, gm in graphs:
+        for node in gm.graph.nodes:
+            if node.op == "get_attr" and node.meta.get(WEIGHTS):
+                raise LeakError(f"talaria: {where} holds weight(s) {list(node.meta[WEIGHTS])} in the enclave")
 
 
 def _check_gpu_inputs(call: fx.Node, taint: dict[fx.Node, str], masking: str) -> None:

@@ -58,13 +58,12 @@ def run_inspect(model_name: str, policies: list[str], masking: str | None, draw:
     model, args, kwargs = build_model(model_name)
     reports: dict[str, PartitionReport | str] = {}
     for policy in policies:
+        torch._dynamo.reset()  # every split compiles the same model again
         try:
             config = secure_split.SplitConfig(policy=policy, **({"masking": masking} if masking else {}))
-        except (NotImplementedError, ValueError) as error:  # one policy's bad combination spoils no other column
+            reports[policy] = secure_split.split(model, args, kwargs, config).report()
+        except (NotImplementedError, ValueError) as error:  # a policy that cannot split spoils no other column
             reports[policy] = f"{type(error).__name__}: {error}"
-            continue
-        torch._dynamo.reset()  # every split compiles the same model again
-        reports[policy] = secure_split.split(model, args, kwargs, config).report()
     print(f"secure-split inspect: {_describe(model_name, args, kwargs)}")
     print(_format_table(reports))
     if draw is not None:
@@ -89,8 +88,8 @@ def _format_table(reports: dict[str, PartitionReport | str]) -> str:
 
 
 def _failure(error: str) -> str:
-    """The cell for a policy whose `SplitConfig` was refused."""
-    return "not implemented" if error.startswith("NotImplementedError") else "invalid"
+    """The cell for a policy whose config was refused ("invalid") or that cannot split this model."""
+    return "unsupported" if error.startswith("NotImplementedError") else "invalid"
 
 
 def build_model(name: str) -> tuple[torch.nn.Module, tuple[Any, ...], dict[str, Any]]:

@@ -15,10 +15,13 @@ from secure_split.passes.insert_masks import InsertMasksPass
 from secure_split.passes.label import LabelPass
 from secure_split.passes.label_cmif import PROTECTION as CMIF_PROTECTION
 from secure_split.passes.label_cmif import CmifLabelPass
+from secure_split.passes.label_talaria import TalariaLabelPass
 from secure_split.passes.leak_audit import audit
 from secure_split.passes.meta import REASON, SIDE
 from secure_split.passes.ring_lower import RingHeadroom, RingLowerPass
+from secure_split.passes.rowwise import RemoRowwise
 from secure_split.passes.taint import TaintPass
+from secure_split.passes.weight_ops import SeparateWeightsPass
 
 from .config import SplitConfig
 from .program import SplitProgram
@@ -26,9 +29,7 @@ from .program import SplitProgram
 log = logging.getLogger("secure_split")
 
 
-def compile_graph(
-    gm: fx.GraphModule, specs: list[InputSpec], inputs: list[Any], config: SplitConfig
-) -> SplitProgram:
+def compile_graph(gm: fx.GraphModule, specs: list[InputSpec], inputs: list[Any], config: SplitConfig) -> SplitProgram:
     """Split one Dynamo graph, specialized to the shapes of `inputs`, into an audited `SplitProgram`."""
     partition = build_partition(label_graph(gm, specs, inputs, config))
     InsertMasksPass(config.masking, CMIF_PROTECTION if config.policy == "cmif" else None)(partition.boundary)
@@ -60,15 +61,30 @@ def label_graph(gm: fx.GraphModule, specs: list[InputSpec], inputs: list[Any], c
     _log("captured ATen graph", aten)
     TaintPass(config.private)(aten)
     FoldPublicPass()(aten)
+    if config.policy == "talaria":
+        SeparateWeightsPass()(aten)
+        _log("weights separated from weight-independent ops (talaria)", aten)
     ring = config.masking == "ring"
-    options = dict(min_gpu_flops=config.min_gpu_flops, public_on_gpu=not ring,
-                   rules=[RingHeadroom(config.frac_bits, config.activation_bound)] if ring else [])  # fmt: skip
+    # Ring and remo keys are fixed per call before it runs: a public value computed at run time (a random
+    # draw) is made in the enclave and sent as it is, not recomputed by a GPU stage.
+    options = dict(min_gpu_flops=config.min_gpu_flops, public_on_gpu=config.masking in ("float", "none"),
+                   rules=_masking_rules(config))  # fmt: skip
     if config.policy == "auto":
         MinCutLabelPass(config.cost, 2.0 if ring else 1.0, **options)(aten)  # ring: float32 crosses as int64
     else:
-        (CmifLabelPass if config.policy == "cmif" else LabelPass)(**options)(aten)
+        LABEL_PASSES.get(config.policy, LabelPass)(**options)(aten)
     _log_labels(aten)
     return aten
+
+
+LABEL_PASSES = {"cmif": CmifLabelPass, "talaria": TalariaLabelPass}
+
+
+def _masking_rules(config: SplitConfig) -> list:
+    """What the masking scheme itself cannot put on the GPU (e.g. ring overflow, remo's row-wise stages)."""
+    if config.masking == "ring":
+        return [RingHeadroom(config.frac_bits, config.activation_bound)]
+    return [RemoRowwise()] if config.masking == "remo" else []
 
 
 def _log(title: str, gm: fx.GraphModule) -> None:

@@ -11,11 +11,9 @@ import torch
 from secure_split.partitioner.min_cut import Cost
 from secure_split.runtime.ring_kernels import KERNELS as RING_KERNELS
 
-POLICIES_IMPLEMENTED = ("secureinfer", "cmif", "auto")
-POLICIES_PLANNED = ("talaria",)
+POLICIES = ("secureinfer", "talaria", "cmif", "auto")
 DEFAULT_MASKING = {"secureinfer": "ring", "cmif": "none", "talaria": "remo", "auto": "ring"}
-MASKINGS_IMPLEMENTED = ("ring", "float", "none")
-MASKINGS_PLANNED = ("remo",)
+MASKINGS = ("ring", "float", "remo", "none")
 POOL_EMPTY = ("online", "raise")
 
 
@@ -26,9 +24,14 @@ class SplitConfig:
     policy: which nodes the enclave keeps (DESIGN.md, "policies").
     masking: how values crossing to the GPU are hidden: "ring" (fixed-point values in Z_2^64 under uniform
         one-time pads: perfect hiding, exact unmasking), "float" (additive Gaussian masks: statistical hiding)
-        or "none" (plaintext; a baseline only, and the report says so). None picks the policy's own: "ring",
-        or "none" for "cmif" (whose GPU runs everything after the embedding, on ε-DP-sanitized tokens).
-    mask_scale: standard deviation of the float masks. Larger hides better and costs precision.
+        "remo" (ReMO's factored Gaussian masks P·Q, whose unmask terms need no weight in the enclave; only
+        row-wise GPU stages) or "none" (plaintext; a baseline only, and the report says so). None picks the
+        policy's own: "ring"; "remo" for "talaria" (whose enclave holds no weight); "none" for "cmif" (whose GPU
+        runs everything after the embedding, on ε-DP-sanitized tokens).
+    mask_scale: standard deviation of the float and remo masks. Larger hides better and costs precision.
+    remo_rank: m, the rank of remo masks: each row of a value crossing is hidden in an m-dimensional public
+        subspace, and its projection on the other d - m dimensions crosses in the clear (the report counts
+        them). None (the default) is full rank, m = d: nothing is left unmasked.
     frac_bits: ring masking's fixed-point precision: a value x travels as round(x·2^frac_bits).
     activation_bound: ring masking's declared bound on |x| for every value sent to the GPU. The compiler proves
         from it and the weights that no GPU integer overflows; a larger value at run time is an error.
@@ -51,6 +54,7 @@ class SplitConfig:
     policy: str = "secureinfer"
     masking: str | None = None
     mask_scale: float = 100.0
+    remo_rank: int | None = None
     frac_bits: int = 20
     activation_bound: float = 4096.0
     ring_kernel: str = "auto"
@@ -64,16 +68,27 @@ class SplitConfig:
     min_gpu_flops: int = 1
 
     def __post_init__(self) -> None:
-        _check_choice("policy", self.policy, POLICIES_IMPLEMENTED, POLICIES_PLANNED)
+        _check_choice("policy", self.policy, POLICIES)
         if self.masking is None:
             object.__setattr__(self, "masking", DEFAULT_MASKING[self.policy])
-        _check_choice("masking", self.masking, MASKINGS_IMPLEMENTED, MASKINGS_PLANNED)
+        _check_choice("masking", self.masking, MASKINGS)
         if self.policy == "cmif" and self.masking != "none":
             raise ValueError("policy='cmif' runs non-linear layers on the GPU, which masks cannot pass: masking='none'")
+        if self.policy == "talaria" and self.masking not in ("remo", "none"):
+            raise ValueError(
+                f"policy='talaria' keeps no weight in the enclave, so it cannot compute the unmask terms of "
+                f"masking={self.masking!r}: use masking='remo' (or 'none' for a baseline)"
+            )
+        if self.policy == "talaria" and self.private:
+            raise ValueError("policy='talaria' keeps no weight in the enclave: private weights need 'secureinfer'")
+        if self.remo_rank is not None and not (isinstance(self.remo_rank, int) and self.remo_rank >= 1):
+            raise ValueError(f"SplitConfig.remo_rank must be an int >= 1 or None, got {self.remo_rank!r}")
+        if self.remo_rank is not None and self.masking != "remo":
+            raise ValueError(f"SplitConfig.remo_rank applies to masking='remo', not {self.masking!r}")
         if not (isinstance(self.mask_scale, int | float) and self.mask_scale > 0):
             raise ValueError(f"SplitConfig.mask_scale must be a positive number, got {self.mask_scale!r}")
-        _check_choice("ring_kernel", self.ring_kernel, RING_KERNELS, ())
-        _check_choice("pool_empty", self.pool_empty, POOL_EMPTY, ())
+        _check_choice("ring_kernel", self.ring_kernel, RING_KERNELS)
+        _check_choice("pool_empty", self.pool_empty, POOL_EMPTY)
         if not (isinstance(self.frac_bits, int) and 0 <= self.frac_bits <= 30):
             raise ValueError(f"SplitConfig.frac_bits must be an int in [0, 30], got {self.frac_bits!r}")
         if not (isinstance(self.activation_bound, int | float) and 0 < self.activation_bound < 2.0**62):
@@ -117,12 +132,6 @@ class SplitConfig:
         return cls(**options)
 
 
-def _check_choice(name: str, value: str, implemented: tuple[str, ...], planned: tuple[str, ...]) -> None:
-    if value in implemented:
-        return
-    if value in planned:
-        raise NotImplementedError(
-            f"SplitConfig.{name}={value!r} is part of the design but not implemented yet; "
-            f"available: {list(implemented)}"
-        )
-    raise ValueError(f"SplitConfig.{name} must be one of {list(implemented)}, got {value!r}")
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"SplitConfig.{name} must be one of {list(choices)}, got {value!r}")

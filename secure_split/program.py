@@ -23,18 +23,19 @@ from torch import fx
 
 from secure_split.enclave_runtime.csprng import CSPRNG
 from secure_split.enclave_runtime.integrity import CALL_SOUNDNESS_BITS, StageVerifier
-from secure_split.enclave_runtime.masking import MaskingScheme, hide, make_masking, reveal
+from secure_split.enclave_runtime.masking import MaskingScheme, RemoMasking, hide, make_masking, reveal
 from secure_split.enclave_runtime.pool import CallKeys, KeyPool
 from secure_split.enclave_runtime.sanitizer import IdentitySanitizer, TokenSanitizer
 from secure_split.partitioner.stages import PartitionResult, StageSpec
 from secure_split.passes.insert_masks import Cut, cuts, mask, unmask
 from secure_split.passes.label_cmif import token_inputs
-from secure_split.passes.meta import CUT, PARAM_NAMES, SIDE
+from secure_split.passes.meta import CUT, SIDE, WEIGHTS
 from secure_split.passes.ring_lower import RING_BITS
 from secure_split.runtime.channel import Channel
 from secure_split.runtime.gpu_executor import GpuExecutor
 
 from .config import SplitConfig
+from .remo import RemoKeys
 from .report import PartitionReport, build_report
 
 _last_run: weakref.ref[SplitProgram] | None = None
@@ -64,7 +65,7 @@ class SplitProgram:
         self.device = torch.device(config.device)
         self.rng = CSPRNG(config.seed)
         self.masking = make_masking(
-            config.masking, self.rng, config.mask_scale, config.frac_bits, config.activation_bound
+            config.masking, self.rng, config.mask_scale, config.frac_bits, config.activation_bound, config.remo_rank
         )
         self.channel = Channel(self.device)
         self.gpu = GpuExecutor({s.module_name: partition.stage_module(s) for s in self.gpu_stages}, self.device)
@@ -75,6 +76,7 @@ class SplitProgram:
         self._gpu_calls = [n for n in self.boundary.graph.nodes if n.op == "call_module" and n.meta[SIDE] == "gpu"]
         self._masked = [n for n in self.boundary.graph.nodes if n.target is mask and n.meta[CUT].masked]
         self._zero_outputs: dict[str, tuple[torch.Tensor, ...]] = {}
+        self.remo = self._make_remo() if isinstance(self.masking, RemoMasking) else None
         self.verifiers = self._make_verifiers() if config.verify else {}
         self.sanitizer: TokenSanitizer | None = IdentitySanitizer() if config.policy == "cmif" else None
         self._token_inputs = _token_positions(partition) if config.policy == "cmif" else []
@@ -124,15 +126,15 @@ class SplitProgram:
         return build_report(self)
 
     def parameter_names(self, side: str) -> list[str]:
-        """The model parameters (and buffers) whose values `side` ("enclave" or "gpu") holds, sorted.
+        """The model parameters (`nn.Parameter`s, not buffers) whose values `side` ("enclave" or "gpu") holds.
 
-        A GPU stage holds a weight it reads, or a public value computed from it (e.g. Wᵀ, which names W)."""
+        A side holds a weight it reads, or a public value computed from it (e.g. Wᵀ, which names W). Sorted."""
         if side not in ("enclave", "gpu"):
             raise ValueError(f"side must be 'enclave' or 'gpu', got {side!r}")
         names: set[str] = set()
         for node in self.partition.labelled.graph.nodes:
             if node.op == "get_attr" and any(u.meta.get(SIDE) == side for u in node.users):
-                names.update(node.meta.get(PARAM_NAMES, ()))
+                names.update(node.meta.get(WEIGHTS, ()))
         return sorted(names)
 
     # -- the offline pool ------------------------------------------------------------------------------------
@@ -166,6 +168,8 @@ class SplitProgram:
             if spec.side == "gpu":
                 for name, buffer in stage.named_buffers():
                     digest.update(name.encode() + buffer.contiguous().view(torch.uint8).numpy().tobytes())
+        for name, basis in (self.remo.bases if self.remo is not None else {}).items():  # a pool fits its bases only
+            digest.update(name.encode() + basis.numpy().tobytes())
         return digest.digest()
 
     def _keys_for_call(self) -> CallKeys | None:
@@ -185,8 +189,17 @@ class SplitProgram:
         self.pool.mark_used(keys)
         return keys
 
+    def _make_remo(self) -> RemoKeys:
+        assert isinstance(self.masking, RemoMasking)
+        for call in self._gpu_calls:
+            if not _all_masked(call):  # its linear part would depend on that input: no fixed R = L(Q)
+                raise NotImplementedError(f"masking='remo': {call.target} reads a public value at run time")
+        return RemoKeys(self.masking, self._masked, self._gpu_calls, self.gpu, self.channel)
+
     def _make_keys(self) -> CallKeys:
         """Fresh masks for every masked cut of one call, and the unmask terms of every GPU stage call."""
+        if self.remo is not None:
+            return CallKeys(self.pool.new_serial(), *self.remo.draw())
         masks = {n.name: _draw(self.masking, n.meta[CUT]) for n in self._masked}
         terms = {}
         checks = {}
@@ -219,7 +232,7 @@ class SplitProgram:
         """-log2 of the probability that a wrong GPU answer passes verification in one call (None: no check)."""
         if not self.verifiers:
             return None
-        return -math.log2(sum(2.0 ** -v.plan.soundness_bits for v in self.verifiers.values()))
+        return -math.log2(sum(2.0**-v.plan.soundness_bits for v in self.verifiers.values()))
 
     def unmask_terms(self, call: fx.Node, held: list[torch.Tensor], cache: bool) -> tuple[torch.Tensor, ...]:
         """L(r) = f(r) - f(0) for each output of one GPU stage call; `held` has masks, and public inputs as sent."""

@@ -44,6 +44,7 @@ class PartitionReport:
     pool_size: int  # calls the pool holds keys for now
     pool_bytes_per_call: int  # masks + unmask terms of one call
     verify_error_bits: float | None  # a wrong GPU answer passes a call's checks with probability ≤ 2^-this
+    remo_unmasked_share: float | None  # remo: share of the coordinates sent that cross unmasked (rank < width)
     cut_table: list[dict[str, Any]] = field(default_factory=list)
     graph: SplitGraph | None = field(default=None, repr=False, compare=False)  # for draw(); not serialised
 
@@ -67,6 +68,8 @@ class PartitionReport:
             ("protection of cuts", ", ".join(f"{k}: {v}" for k, v in sorted(self.protection.items()))),
             ("calls: keys from pool / online", f"{self.calls}: {self.keys_from_pool} / {self.keys_made_online}"),
             ("pool: calls ready / bytes per call", f"{self.pool_size} / {self.pool_bytes_per_call:,}"),
+            ("remo: share of values sent unmasked", "n/a" if self.remo_unmasked_share is None
+             else f"{self.remo_unmasked_share:.2%}"),
             ("integrity check (Freivalds)", "off" if self.verify_error_bits is None
              else f"on: a wrong answer passes with p <= 2^-{self.verify_error_bits:.1f} per call"),
         ]  # fmt: skip
@@ -111,6 +114,7 @@ def build_report(program: SplitProgram) -> PartitionReport:
         keys_made_online=program.online_calls,
         pool_size=len(program.pool),
         verify_error_bits=program.verify_error_bits,
+        remo_unmasked_share=None if program.remo is None else program.remo.unmasked_share,
         pool_bytes_per_call=program.pool_bytes_per_call,
         cut_table=[
             {"index": c.index, "direction": c.direction, "stage": c.stage, "name": c.name,
@@ -119,3 +123,4 @@ def build_report(program: SplitProgram) -> PartitionReport:
         ],
         graph=extract_graph(program),
     )
+

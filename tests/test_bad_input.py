@@ -11,9 +11,11 @@ from secure_split import SplitConfig
 @pytest.mark.parametrize(
     ("options", "error", "match"),
     [
-        ({"policy": "talaria"}, NotImplementedError, "not implemented yet"),
+        ({"policy": "talaria", "masking": "ring"}, ValueError, "cannot compute the unmask terms"),
+        ({"policy": "talaria", "private": ["*lora_*"]}, ValueError, "private weights need 'secureinfer'"),
         ({"policy": "magic"}, ValueError, "policy must be one of"),
-        ({"masking": "remo"}, NotImplementedError, "not implemented yet"),
+        ({"masking": "remo", "remo_rank": 0}, ValueError, "remo_rank must be an int >= 1"),
+        ({"remo_rank": 8}, ValueError, "applies to masking='remo'"),
             ({"frac_bits": 40}, ValueError, "frac_bits"),
             ({"pool_empty": "maybe"}, ValueError, "pool_empty must be one of"),
             ({"ring_kernel": "gpu"}, ValueError, "ring_kernel must be one of"),

@@ -31,10 +31,10 @@ def labelled_graph(model, x, private=(), **config):
     return label_graph(gm, specs, inputs, SplitConfig(private=private, **config))
 
 
-def finish(aten, masking="float", private=()):
+def finish(aten, masking="float", private=(), policy="secureinfer"):
     partition = build_partition(aten)
     InsertMasksPass(masking)(partition.boundary)
-    audit(partition.boundary, masking, private)
+    audit(partition.boundary, masking, private, policy)
     return partition
 
 
@@ -104,3 +104,35 @@ def test_boundary_ops_refuse_to_run_outside_the_runtime():
     partition = finish(aten)
     with pytest.raises(RuntimeError, match="outside the secure_split runtime"):
         fx.Interpreter(partition.boundary).run(torch.randn(4, 16))
+
+
+def test_talaria_audit_refuses_a_weight_in_the_enclave():
+    aten = labelled_graph(mlp(), torch.randn(4, 16), policy="talaria")
+    partition = finish(aten, "remo", policy="talaria")
+    assert [s.side for s in partition.stages] == ["gpu", "enclave", "gpu"]  # both linears masked on the GPU
+    node(aten, torch.ops.aten.addmm.default).meta[SIDE] = "enclave"  # mislabelled: a weight kept by the enclave
+    with pytest.raises(LeakError, match=r"talaria: stage\d+_enclave holds weight\(s\) \['0\.(weight|bias)'\]"):
+        finish(aten, "remo", policy="talaria")
+
+
+class Heads(torch.nn.Module):
+    """A projection, then a transpose: affine, but it moves values across rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        return torch.nn.functional.gelu(self.proj(x).transpose(0, 1))
+
+
+def test_remo_audit_refuses_a_gpu_op_that_is_not_row_wise():
+    torch.manual_seed(0)
+    aten = labelled_graph(Heads().eval(), torch.randn(4, 16), masking="remo")
+    transpose = node(aten, torch.ops.aten.transpose.int)
+    assert transpose.meta[SIDE] == "enclave" and "row-wise" in transpose.meta["secure_split.reason"]
+    finish(aten, "float")  # with float masks a transpose may run on the GPU
+    transpose.meta[SIDE] = GPU
+    finish(aten, "float")
+    with pytest.raises(LeakError, match=r"transpose.*not a row-wise map.*invariant 2"):
+        finish(aten, "remo")

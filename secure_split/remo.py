@@ -1,0 +1,100 @@
+"""ReMO's keys: masks P · Q and unmask terms P · R, where R = L(Q) is computed once, on the GPU.
+
+For every masked value crossing, the program fixes a public basis Q (m × d). For every GPU stage call and each
+of its masked inputs, the GPU runs the stage on Q's rows (zeros elsewhere) and returns R = f(Q) - f(0): the
+weight owner's side computes R = Q · W, so the enclave never needs W. A call then draws a secret P per masked
+value, sends x + P · Q, and removes P · R from each result: f(x + P·Q) - P·R = f(x) for a row-wise stage f.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import fx
+
+from secure_split.enclave_runtime.masking import RemoMasking
+from secure_split.passes.insert_masks import Cut
+from secure_split.passes.meta import CUT
+from secure_split.runtime.channel import Channel
+from secure_split.runtime.gpu_executor import GpuExecutor
+
+Responses = dict[int, tuple[torch.Tensor | None, ...]]  # input position -> per output, R (m × e) or None
+
+
+class RemoKeys:
+    """The public bases and GPU responses of one program, and the per-call draw of masks and terms."""
+
+    def __init__(
+        self, masking: RemoMasking, masked: list[fx.Node], gpu_calls: list[fx.Node], gpu: GpuExecutor, channel: Channel
+    ) -> None:
+        self.masking = masking
+        self.cuts: dict[str, Cut] = {n.name: n.meta[CUT] for n in masked}
+        self.bases = {name: masking.basis(cut.shape[-1]) for name, cut in self.cuts.items()}
+        self.inputs = {call.name: [a.name for a in call.args] for call in gpu_calls}
+        self.outputs: dict[str, tuple[torch.Tensor, ...]] = {}  # f(0) of each call: the outputs' shapes and dtypes
+        self.responses = {call.name: self._responses(call, gpu, channel) for call in gpu_calls}
+
+    @property
+    def unmasked_share(self) -> float:
+        """Of the coordinates sent masked, the share outside their basis' span: they cross in the clear."""
+        total = sum(c.nbytes for c in self.cuts.values())
+        clear = sum(c.nbytes * (1 - self.bases[n].shape[0] / c.shape[-1]) for n, c in self.cuts.items())
+        return clear / total if total else 0.0
+
+    def draw(self) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, ...]]]:
+        """One call's masks (by mask node) and unmask terms (by GPU stage call)."""
+        factors = {name: self.masking.factor(_rows(cut), self.bases[name].shape[0]) for name, cut in self.cuts.items()}
+        masks = {name: _in_layout(cut, factors[name] @ self.bases[name]) for name, cut in self.cuts.items()}
+        terms = {}
+        for call, responses in self.responses.items():
+            outputs = self.outputs[call]
+            totals = [torch.zeros(math.prod(o.shape[:-1]), o.shape[-1], dtype=torch.float64) for o in outputs]
+            for position, per_output in responses.items():
+                for total, r in zip(totals, per_output, strict=True):
+                    if r is not None:
+                        total += factors[self.inputs[call][position]] @ r
+            terms[call] = tuple(t.reshape(o.shape).to(o.dtype) for t, o in zip(totals, outputs, strict=True))
+        return masks, terms
+
+    def _responses(self, call: fx.Node, gpu: GpuExecutor, channel: Channel) -> Responses:
+        """R = f(Q) - f(0) for each masked input of one GPU stage call, a block of len(rows) basis rows at a time."""
+        cuts: list[Cut] = [a.meta[CUT] for a in call.args]
+        zeros = [c.empty().zero_() for c in cuts]
+        stage = str(call.target)
+        f0 = _run(gpu, channel, stage, cuts, zeros, "remo_zero")
+        self.outputs[call.name] = f0
+        responses: Responses = {}
+        for position, cut in enumerate(cuts):
+            basis, rows = self.bases[call.args[position].name], _rows(cut)
+            blocks: list[list[torch.Tensor]] = [[] for _ in f0]
+            for start in range(0, basis.shape[0], rows):
+                block = basis[start : start + rows]
+                held = torch.zeros(rows, cut.shape[-1], dtype=torch.float64)
+                held[: block.shape[0]] = block
+                inputs = [*zeros[:position], _in_layout(cut, held), *zeros[position + 1 :]]
+                outs = _run(gpu, channel, stage, cuts, inputs, "remo_basis")
+                for k, (out, zero) in enumerate(zip(outs, f0, strict=True)):
+                    if math.prod(out.shape[:-1]) == rows:  # outputs on other rows do not read this input
+                        delta = (out.double() - zero.double()).reshape(rows, out.shape[-1])
+                        blocks[k].append(delta[: block.shape[0]])
+            responses[position] = tuple(torch.cat(b) if b else None for b in blocks)
+        return responses
+
+
+def _run(
+    gpu: GpuExecutor, channel: Channel, stage: str, cuts: list[Cut], inputs: list[torch.Tensor], label: str
+) -> tuple[torch.Tensor, ...]:
+    """One public GPU run (no user data), through the channel so that a trace shows it."""
+    sent = [channel.to_gpu(c.stage, f"{label}:{c.name}", x) for c, x in zip(cuts, inputs, strict=True)]
+    outs = gpu.run(stage, sent)
+    return tuple(channel.to_enclave(cuts[0].stage, f"{label}:out{k}", out) for k, out in enumerate(outs))
+
+
+def _rows(cut: Cut) -> int:
+    return math.prod(cut.shape[:-1])
+
+
+def _in_layout(cut: Cut, rows: torch.Tensor) -> torch.Tensor:
+    """`rows` (leading dimensions flattened) as a tensor of the cut's shape, dtype and traced layout."""
+    return cut.empty().copy_(rows.reshape(cut.shape))
