@@ -4,8 +4,8 @@ Talaria's enclave holds no weight, so an op that mixes user data non-linearly wi
 into a weight-independent part (enclave) and an affine part that reads the weight (GPU, on masked inputs):
 - an embedding look-up W[ids] becomes the product one_hot(ids) · W: the enclave builds the one-hot rows, the
   GPU multiplies them, masked, by the table (tokens never cross in the clear);
-- a layer norm with scale γ and shift β becomes the normalisation alone, then ·γ and +β, which run on the GPU
-  in the same stage as the linear op they feed (so they cost no crossing).
+- a layer norm with scale γ and shift β becomes the normalisation alone, then ·γ and +β, which
+  `FoldNormScalePass` folds into the linear ops that read them (or which run on the GPU as element-wise ops).
 Runs after TaintPass and FoldPublicPass: look-ups of public ids (positions) are already constants.
 """
 

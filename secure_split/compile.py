@@ -10,6 +10,7 @@ from torch import fx
 from secure_split.partitioner.min_cut import MinCutLabelPass
 from secure_split.partitioner.stages import PartitionResult, build_partition
 from secure_split.passes.capture import InputSpec, lift_state, lower_to_aten
+from secure_split.passes.fold_norm_scale import FoldNormScalePass
 from secure_split.passes.fold_public import FoldPublicPass
 from secure_split.passes.insert_masks import InsertMasksPass
 from secure_split.passes.label import LabelPass
@@ -63,7 +64,8 @@ def label_graph(gm: fx.GraphModule, specs: list[InputSpec], inputs: list[Any], c
     FoldPublicPass()(aten)
     if config.policy == "talaria":
         SeparateWeightsPass()(aten)
-        _log("weights separated from weight-independent ops (talaria)", aten)
+        FoldNormScalePass()(aten)
+        _log("weights separated from weight-independent ops, norm scales folded (talaria)", aten)
     ring = config.masking == "ring"
     # Ring and remo keys are fixed per call before it runs: a public value computed at run time (a random
     # draw) is made in the enclave and sent as it is, not recomputed by a GPU stage.

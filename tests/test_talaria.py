@@ -6,7 +6,8 @@ import transformers
 
 import secure_split
 from secure_split import SplitConfig
-from secure_split.passes.meta import CUT
+from secure_split.passes.label_talaria import reads_weight
+from secure_split.passes.meta import CUT, SIDE
 from secure_split.tiny import CONFIGS, tiny_inputs
 
 TOLERANCE = dict(atol=5e-3, rtol=1e-3)  # float masks of std 100 (measured: max |Δ| ≤ 1.1e-3)
@@ -39,6 +40,12 @@ def test_talaria_matches_eager_with_every_weight_on_the_gpu(name):
     report = program.report()
     assert report.masking == "remo" and set(report.protection) == {"remo"}
     assert report.remo_unmasked_share == 0.0
+    scales = [n for n in program.partition.labelled.graph.nodes
+              if n.op == "call_function" and n.target == torch.ops.aten.mul.Tensor and reads_weight(n)]  # fmt: skip
+    if name == "bert":  # post-LN: the residual reads the scaled value too, so γ stays an element-wise GPU op
+        assert len(scales) == 5 and all(n.meta[SIDE] == "gpu" for n in scales)
+    else:  # pre-norm: every norm scale is folded into the weights of the projections that read it
+        assert scales == []
     for record in trace.to_gpu():  # every value is masked: a Gaussian mask of std 100 is never exactly 0 or 1
         assert (record.tensor == 0).float().mean() < 1e-3 and (record.tensor == 1).float().mean() < 1e-3
         assert record.tensor.std() > 20, record.name
