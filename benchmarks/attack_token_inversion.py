@@ -24,7 +24,14 @@ those guesses score without any information about the input; leakage is top-1 ab
 is the maximum-likelihood guess under Gaussian masks but ignores token frequencies, so under heavy masking it
 lands on rare tokens and scores below the majority rate.) Every masking draws its masks from its own fixed seed.
 
-Writes benchmarks/results/attack_token_inversion.json and .png.
+ReMO (policy="talaria", masking="remo", on tiny GPT-2): a mask P·Q hides each row only inside the span of the
+public basis Q (rank m). For every cut and rank the script measures, on the run itself, the rank of what was
+added to the plaintext (sent minus the masking="none" run on the same inputs), the share of the plaintext's
+energy outside span(Q), and two attacks: the plaintext-fitted probe on the raw rows, and the adversary who
+knows Q: a probe fitted on plaintext projected onto the complement of span(Q), applied to the sent rows
+projected the same way. Talaria's first cut is the one-hot rows of the token ids.
+
+Writes benchmarks/results/attack_token_inversion.json and .png (and attack_remo.png).
 """
 
 from __future__ import annotations
@@ -285,6 +292,46 @@ def attack(workload: Workload, scales: list[float]) -> list[dict]:
     return rows
 
 
+def remo_bases(program: secure_split.SplitProgram) -> dict[Key, torch.Tensor | None]:
+    """The public basis Q of every remo cut, by crossing (the GPU knows them); None: full rank (identity)."""
+    return {(cut.stage, cut.name): program.remo.bases[name] for name, cut in program.remo.cuts.items()}
+
+
+def complement(basis: torch.Tensor | None, width: int) -> torch.Tensor:
+    """The projection onto the complement of span(Q): what crosses in the clear."""
+    if basis is None:
+        return torch.zeros(width, width)
+    return (torch.eye(width, dtype=torch.float64) - basis.T @ basis).float()
+
+
+def attack_remo(workload: Workload, ranks: list[int | None]) -> list[dict]:
+    """Talaria with remo masks at each rank: measured mask rank, clear energy, and both probes per cut."""
+    plain = build(workload, {"policy": "talaria", "masking": "none", "seed": 0})
+    train, test = observe(plain, workload.train), observe(plain, workload.test)
+    y, truth = labels(workload.train), labels(workload.test)
+    rows = []
+    for seed, rank in enumerate(ranks, 50):
+        program = build(workload, {"policy": "talaria", "remo_rank": rank, "seed": seed})
+        label = f"remo m={rank or 'd'}"
+        sent, bases = observe(program, workload.test), remo_bases(program)
+        for index, (key, cut) in enumerate(test.items()):
+            if cut.tokens is None or key not in sent or sent[key].tokens is None or key not in bases:
+                continue
+            width = cut.tokens.shape[1]
+            project = complement(bases[key], width)
+            added = (sent[key].tokens - cut.tokens).double()
+            clear = ((cut.tokens @ project).norm() / cut.tokens.norm()).item() ** 2
+            facts = {"rank": rank or width, "width": width, "clear_energy_pct": 100 * clear,
+                     "mask_rank": int(torch.linalg.matrix_rank(added, rtol=1e-3))}  # fmt: skip
+            probes = {"linear probe": (fit_probe(train[key].tokens, y), sent[key].tokens),
+                      "probe on complement": (fit_probe(train[key].tokens @ project, y),
+                                              sent[key].tokens @ project)}  # fmt: skip
+            for attack_name, (probe, received) in probes.items():
+                rows.append(row(workload, attack_name, index, key, cut.shape, label, probe.predict(received), truth))
+                rows[-1].update(facts)
+    return rows
+
+
 def gpt2_workload(batch: int, seq: int, train_batches: int, test_batches: int) -> Workload:
     """Tiny GPT-2 (random weights) on uniform random token ids; every position is scored."""
     model = tiny_model("gpt2")
@@ -399,6 +446,40 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def print_remo_table(rows: list[dict]) -> None:
+    """Per rank and cut: width, the rank measured on what was added, clear energy, and both attacks' top-1."""
+    header = f"{'masking':<12}{'cut':>4}  {'crossing':<24}{'width':>6}{'mask rank':>10}{'clear energy %':>15}" \
+             f"{'probe %':>9}{'complement probe %':>20}{'chance %':>10}"  # fmt: skip
+    print(header)
+    print("-" * len(header))
+    plain = {(r["masking"], r["cut"]): r for r in rows if r["attack"] == "linear probe"}
+    for r in (r for r in rows if r["attack"] == "probe on complement"):
+        raw = plain[(r["masking"], r["cut"])]
+        print(f"{r['masking']:<12}{r['cut']:>4}  {r['crossing']:<24}{r['width']:>6}{r['mask_rank']:>10}"
+              f"{r['clear_energy_pct']:>15.2f}{raw['top1_pct']:>9.2f}{r['top1_pct']:>20.2f}"
+              f"{r['chance_pct']:>10.2f}")  # fmt: skip
+
+
+def plot_remo(rows: list[dict], path: Path) -> None:
+    """Complement-probe recovery vs cut, one line per rank."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    mine = [r for r in rows if r["attack"] == "probe on complement"]
+    for i, masking in enumerate(dict.fromkeys(r["masking"] for r in mine)):
+        line = [r for r in mine if r["masking"] == masking]
+        ax.plot([r["cut"] for r in line], [r["top1_pct"] for r in line], "o-", ms=3, color=f"C{i}", label=masking)
+    ax.axhline(mine[0]["chance_pct"], ls="--", color="k", lw=1, label="chance")
+    ax.set(title="tiny GPT-2, talaria: probe on the complement of span(Q) (cut 0: one-hot ids)",
+           xlabel="cut (to_gpu crossing, in order)", ylabel="top-1 token recovery %", ylim=(-2, 102))  # fmt: skip
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def workload_for(name: str, args: argparse.Namespace) -> Workload:
     """The workload named on the command line."""
     if name == "gpt2":
@@ -415,27 +496,38 @@ def main() -> None:
     parser.add_argument("--gpt2-train-batches", type=int, default=40)
     parser.add_argument("--gpt2-test-batches", type=int, default=20)
     parser.add_argument("--minilm-test-sentences", type=int, default=256)
+    parser.add_argument("--remo-ranks", nargs="+", default=["d", "64", "32", "16", "4"],
+                        help="remo ranks attacked on tiny GPT-2 under talaria ('d': full; 'none': skip)")  # fmt: skip
     args = parser.parse_args()
+    ranks = [None if r == "d" else int(r) for r in args.remo_ranks if r != "none"]
 
     start = time.perf_counter()
     torch.manual_seed(0)
-    rows, models = [], {}
+    rows, remo_rows, models = [], [], {}
     for name in args.models:
         begin = time.perf_counter()
         workload = workload_for(name, args)
         rows += attack(workload, args.scales)
+        if name == "gpt2" and ranks:
+            remo_rows = attack_remo(workload, ranks)
         workload.setup.update(seconds=time.perf_counter() - begin, train_tokens=len(labels(workload.train)),
                               test_tokens=len(labels(workload.test)))  # fmt: skip
         models[workload.name] = workload.setup
     elapsed = time.perf_counter() - start
 
     print_table(rows)
+    if remo_rows:
+        print("\ntalaria + remo on tiny GPT-2 (the adversary knows each cut's public basis Q):")
+        print_remo_table(remo_rows)
     print(f"\n{elapsed:.0f} s in all; chance: GPT-2 1/vocab, MiniLM the majority rate (see the module docstring)")
     RESULTS.mkdir(exist_ok=True)
     setup = {"batch": args.batch, "seq": args.seq, "scales": args.scales, "seconds": elapsed,
              "torch": torch.__version__, "threads": torch.get_num_threads(), "models": models}  # fmt: skip
-    (RESULTS / "attack_token_inversion.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
+    result = {"setup": setup, "rows": rows, "remo_rows": remo_rows}
+    (RESULTS / "attack_token_inversion.json").write_text(json.dumps(result, indent=2))
     plot(rows, RESULTS / "attack_token_inversion.png")
+    if remo_rows:
+        plot_remo(remo_rows, RESULTS / "attack_remo.png")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
     python benchmarks/bench_policies.py [--seq 128] [--repeats 5]
 
-GPT-2-shaped models with random weights at three sizes, batch 1; every policy that is implemented, with its own
-default masking (secureinfer and auto: ring; cmif: none, ε-DP tokens). Latency is the median online call with
-keys made on the spot, as a ratio to eager in the same run; without a GPU, GPU stages run on the CPU.
+GPT-2-shaped models with random weights at three sizes, batch 1; every policy with its own default masking
+(secureinfer and auto: ring; talaria: remo at full rank; cmif: none, ε-DP tokens). Latency is the median online
+call with keys made on the spot, as a ratio to eager in the same run; without a GPU, GPU stages run on the CPU.
+"build s" is the time to split (for talaria it includes the GPU's one-off R = f(Q) - f(0) runs).
 Writes benchmarks/results/bench_policies.json and .png.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,7 +34,9 @@ SIZES = {"gpt2-2x128": (2, 128), "gpt2-6x384": (6, 384), "gpt2-12x768 (small)": 
 def measure(model: torch.nn.Module, ids: torch.Tensor, policy: str, eager_s: float, repeats: int) -> dict:
     """One policy on one model: the report's counts and the latency ratio."""
     torch._dynamo.reset()
+    start = time.perf_counter()
     program = secure_split.split(model, (ids,), {"use_cache": False}, SplitConfig(policy=policy, seed=0))
+    build_s = time.perf_counter() - start
     latency = timed(lambda: program(ids, use_cache=False), repeats)
     report = program.report()
     crossing = report.bytes_to_gpu + report.bytes_to_enclave
@@ -43,6 +47,9 @@ def measure(model: torch.nn.Module, ids: torch.Tensor, policy: str, eager_s: flo
         "round_trips": report.round_trips,
         "enclave_flop_share": report.enclave_flop_share,
         "latency_ratio": latency / eager_s,
+        "build_s": build_s,
+        "enclave_parameters": len(program.parameter_names("enclave")),
+        "gpu_parameters": len(program.parameter_names("gpu")),
         "protection": report.protection,
     }
 
@@ -72,7 +79,8 @@ def main() -> None:
 def print_row(r: dict) -> None:
     print(f"{r['model']:<22}{r['policy']:<13}{r['masking']:<6}{r['bytes_per_token']:>14,.0f} B/token"
           f"{r['round_trips']:>6} trips{r['enclave_flop_share']:>9.2%} enclave FLOPs"
-          f"{r['latency_ratio']:>8.2f}x eager")  # fmt: skip
+          f"{r['latency_ratio']:>8.2f}x eager{r['build_s']:>7.1f} s build"
+          f"{r['enclave_parameters']:>5} / {r['gpu_parameters']} params enclave / gpu")  # fmt: skip
 
 
 def plot(rows: list[dict], path: Path) -> None:

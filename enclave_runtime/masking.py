@@ -93,8 +93,13 @@ class RemoMasking(_FloatingPoint):
         """m for rows of `width` features: the configured rank, at most the width (None: full rank)."""
         return width if self.rank is None else min(self.rank, width)
 
-    def basis(self, width: int) -> torch.Tensor:
-        """A public Q: `rank_for(width)` orthonormal rows of length `width` (float64)."""
+    def basis(self, width: int) -> torch.Tensor | None:
+        """A public Q: `rank_for(width)` orthonormal rows of length `width` (float64); None for the identity.
+
+        At full rank any orthonormal Q gives P · Q the same law as P (an isotropic Gaussian is rotation
+        invariant), so the identity is used and never materialised (a vocabulary-wide Q would not fit)."""
+        if self.rank_for(width) == width:
+            return None
         q, _ = torch.linalg.qr(self.rng.gaussian((width, self.rank_for(width)), 1.0, torch.float64))
         return q.T.contiguous()
 

@@ -169,7 +169,7 @@ class SplitProgram:
                 for name, buffer in stage.named_buffers():
                     digest.update(name.encode() + buffer.contiguous().view(torch.uint8).numpy().tobytes())
         for name, basis in (self.remo.bases if self.remo is not None else {}).items():  # a pool fits its bases only
-            digest.update(name.encode() + basis.numpy().tobytes())
+            digest.update(name.encode() + (b"identity" if basis is None else basis.numpy().tobytes()))
         return digest.digest()
 
     def _keys_for_call(self) -> CallKeys | None:

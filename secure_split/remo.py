@@ -4,6 +4,9 @@ For every masked value crossing, the program fixes a public basis Q (m × d). Fo
 of its masked inputs, the GPU runs the stage on Q's rows (zeros elsewhere) and returns R = f(Q) - f(0): the
 weight owner's side computes R = Q · W, so the enclave never needs W. A call then draws a secret P per masked
 value, sends x + P · Q, and removes P · R from each result: f(x + P·Q) - P·R = f(x) for a row-wise stage f.
+
+The rank m trades one secret for the other: the d - m dimensions outside Q's span cross in the clear, and R
+shows the enclave an m-dimensional projection of each weight (at full rank, m = d, the weight itself).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ class RemoKeys:
     ) -> None:
         self.masking = masking
         self.cuts: dict[str, Cut] = {n.name: n.meta[CUT] for n in masked}
-        self.bases = {name: masking.basis(cut.shape[-1]) for name, cut in self.cuts.items()}
+        self.bases = {name: masking.basis(cut.shape[-1]) for name, cut in self.cuts.items()}  # None: identity
+        self.ranks = {name: masking.rank_for(cut.shape[-1]) for name, cut in self.cuts.items()}
         self.inputs = {call.name: [a.name for a in call.args] for call in gpu_calls}
         self.outputs: dict[str, tuple[torch.Tensor, ...]] = {}  # f(0) of each call: the outputs' shapes and dtypes
         self.responses = {call.name: self._responses(call, gpu, channel) for call in gpu_calls}
@@ -39,13 +43,13 @@ class RemoKeys:
     def unmasked_share(self) -> float:
         """Of the coordinates sent masked, the share outside their basis' span: they cross in the clear."""
         total = sum(c.nbytes for c in self.cuts.values())
-        clear = sum(c.nbytes * (1 - self.bases[n].shape[0] / c.shape[-1]) for n, c in self.cuts.items())
+        clear = sum(c.nbytes * (1 - self.ranks[n] / c.shape[-1]) for n, c in self.cuts.items())
         return clear / total if total else 0.0
 
     def draw(self) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, ...]]]:
         """One call's masks (by mask node) and unmask terms (by GPU stage call)."""
-        factors = {name: self.masking.factor(_rows(cut), self.bases[name].shape[0]) for name, cut in self.cuts.items()}
-        masks = {name: _in_layout(cut, factors[name] @ self.bases[name]) for name, cut in self.cuts.items()}
+        factors = {name: self.masking.factor(_rows(cut), self.ranks[name]) for name, cut in self.cuts.items()}
+        masks = {name: _in_layout(cut, _times(factors[name], self.bases[name])) for name, cut in self.cuts.items()}
         terms = {}
         for call, responses in self.responses.items():
             outputs = self.outputs[call]
@@ -66,10 +70,10 @@ class RemoKeys:
         self.outputs[call.name] = f0
         responses: Responses = {}
         for position, cut in enumerate(cuts):
-            basis, rows = self.bases[call.args[position].name], _rows(cut)
+            name, rows = call.args[position].name, _rows(cut)
             blocks: list[list[torch.Tensor]] = [[] for _ in f0]
-            for start in range(0, basis.shape[0], rows):
-                block = basis[start : start + rows]
+            for start in range(0, self.ranks[name], rows):
+                block = _basis_rows(self.bases[name], cut.shape[-1], start, min(start + rows, self.ranks[name]))
                 held = torch.zeros(rows, cut.shape[-1], dtype=torch.float64)
                 held[: block.shape[0]] = block
                 inputs = [*zeros[:position], _in_layout(cut, held), *zeros[position + 1 :]]
@@ -89,6 +93,19 @@ def _run(
     sent = [channel.to_gpu(c.stage, f"{label}:{c.name}", x) for c, x in zip(cuts, inputs, strict=True)]
     outs = gpu.run(stage, sent)
     return tuple(channel.to_enclave(cuts[0].stage, f"{label}:out{k}", out) for k, out in enumerate(outs))
+
+
+def _times(factor: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
+    return factor if basis is None else factor @ basis
+
+
+def _basis_rows(basis: torch.Tensor | None, width: int, start: int, stop: int) -> torch.Tensor:
+    """Rows start..stop of Q (of the identity when `basis` is None)."""
+    if basis is not None:
+        return basis[start:stop]
+    rows = torch.zeros(stop - start, width, dtype=torch.float64)
+    rows[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
+    return rows
 
 
 def _rows(cut: Cut) -> int:
