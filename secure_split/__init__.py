@@ -13,6 +13,8 @@ from typing import Any
 
 _EXPORTS = {
     "BoundaryTrace": ".trace",
+    "BundleError": ".bundle",
+    "BundleSession": ".bundle",
     "IntegrityError": ".enclave_runtime.integrity",
     "MaskReuseError": ".enclave_runtime.pool",
     "PoolEmptyError": ".program",
@@ -22,6 +24,8 @@ _EXPORTS = {
     "SplitConfig": ".config",
     "SplitProgram": ".program",
     "last_program": ".program",
+    "export_bundle": ".bundle",
+    "load_bundle": ".bundle",
     "secure_split_backend": ".backend",
     "split": ".api",
     "trace_boundary": ".trace",

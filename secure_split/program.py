@@ -56,7 +56,17 @@ class PoolEmptyError(RuntimeError):
 class SplitProgram:
     """One model graph split into enclave and GPU stages, with masks at every cut. Call it like the model."""
 
-    def __init__(self, partition: PartitionResult, config: SplitConfig, input_names: list[str]) -> None:
+    def __init__(
+        self,
+        partition: PartitionResult,
+        config: SplitConfig,
+        input_names: list[str],
+        token_inputs: list[int] | None = None,
+        gpu_modules: dict[str, torch.nn.Module] | None = None,
+    ) -> None:
+        """`token_inputs`: which flat inputs are token ids (cmif sanitizes them); None finds them in the graph.
+        `gpu_modules`: what the GPU runs for each GPU stage, when not the stage modules themselves (a bundle's
+        sessions on the GPU's providers; the enclave keeps its own copies of public stages for unmask terms)."""
         self.partition = partition
         self.config = config
         self.input_names = input_names  # where each graph input came from, e.g. "L['kwargs']['attention_mask']"
@@ -68,7 +78,8 @@ class SplitProgram:
             config.masking, self.rng, config.mask_scale, config.frac_bits, config.activation_bound, config.remo_rank
         )
         self.channel = Channel(self.device)
-        self.gpu = GpuExecutor({s.module_name: partition.stage_module(s) for s in self.gpu_stages}, self.device)
+        modules = gpu_modules or {s.module_name: partition.stage_module(s) for s in self.gpu_stages}
+        self.gpu = GpuExecutor(modules, self.device)
         self.pool = KeyPool()
         self.calls = 0
         self.pool_calls = 0  # calls whose keys came from the pool
@@ -79,7 +90,9 @@ class SplitProgram:
         self.remo = self._make_remo() if isinstance(self.masking, RemoMasking) else None
         self.verifiers = self._make_verifiers() if config.verify else {}
         self.sanitizer: TokenSanitizer | None = IdentitySanitizer() if config.policy == "cmif" else None
-        self._token_inputs = _token_positions(partition) if config.policy == "cmif" else []
+        if token_inputs is None:
+            token_inputs = _token_positions(partition) if config.policy == "cmif" else []
+        self.token_inputs = token_inputs
         self._entry: Callable[..., Any] | None = None
         if config.precompute:
             self.precompute(config.precompute)
@@ -106,7 +119,7 @@ class SplitProgram:
 
     def _sanitized(self, index: int, value: torch.Tensor) -> torch.Tensor:
         assert self.sanitizer is not None
-        return self.sanitizer.sanitize(value) if index in self._token_inputs else value
+        return self.sanitizer.sanitize(value) if index in self.token_inputs else value
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Call with the model's own arguments (programs from `split()`), or with flat graph inputs."""
