@@ -60,12 +60,14 @@ def export_bundle(
     path: str | Path,
     config: SplitConfig | None = None,
     kwargs: dict[str, Any] | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+    about: dict[str, Any] | None = None,
 ) -> Path:
     """Split `model` on example inputs (or take a `SplitProgram`) and write its ONNX split bundle to `path`.
 
     `config.private` is checked again against every GPU stage: a file that would carry a private parameter is
-    refused. `progress` is called with each file's name as it is written."""
+    refused. `progress(done, total, file)` is called as each stage file is written; `about` (JSON-able, e.g.
+    where the model came from) is kept in the manifest as "model"."""
     from .api import split
 
     args = args if isinstance(args, tuple) else (args,)
@@ -77,11 +79,16 @@ def export_bundle(
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} is not empty: a bundle is written into a new or empty directory")
     order = _output_order(model, program, args, kwargs) if not isinstance(model, SplitProgram) else None
-    stages = [_export_stage(program, spec, root, config.private, progress) for spec in program.partition.stages]
+    stages = []
+    for done, spec in enumerate(program.partition.stages):
+        if progress is not None:
+            progress(done, len(program.partition.stages), f"{spec.side}/{spec.module_name}.onnx")
+        stages.append(_export_stage(program, spec, root, config.private))
     manifest = {
         "format": FORMAT,
         "version": VERSION,
         "producer": _producer(),
+        "model": about or {},
         "config": {name: getattr(program.config, name) for name in RUNTIME_FIELDS},
         "inputs": _inputs(program),
         "token_inputs": program.token_inputs,
@@ -105,6 +112,8 @@ def load_bundle(path: str | Path, providers: list[str] | None = None, seed: int 
     config = SplitConfig(**manifest["config"], seed=seed, device="cpu")
     gpu = gpu_providers(providers)
     boundary, specs, on_gpu = _rebuild(root, manifest, gpu)
+    for stage in on_gpu.values():  # open the GPU sessions now: a provider that cannot serve them fails here
+        stage.open()
     partition = PartitionResult(fx.GraphModule(torch.nn.Module(), fx.Graph()), boundary, specs)
     sources = [entry["source"] for entry in manifest["inputs"]]
     program = SplitProgram(partition, config, sources, manifest["token_inputs"], gpu_modules=on_gpu)
@@ -136,9 +145,7 @@ class BundleSession:
 # -- export ------------------------------------------------------------------------------------------------
 
 
-def _export_stage(
-    program: SplitProgram, spec: StageSpec, root: Path, private: tuple[str, ...], progress: Callable | None
-) -> dict[str, Any]:
+def _export_stage(program: SplitProgram, spec: StageSpec, root: Path, private: tuple[str, ...]) -> dict[str, Any]:
     module = program.partition.stage_module(spec)
     held = _stage_parameters(program, spec)
     if spec.side == "gpu":
@@ -146,8 +153,6 @@ def _export_stage(
     call = next(n for n in program.boundary.graph.nodes if n.op == "call_module" and n.target == spec.module_name)
     names = [f"in{i}" for i in range(len(call.args))]  # neutral names: none clashes with the exporter's own
     relative = f"{spec.side}/{spec.module_name}.onnx"
-    if progress is not None:
-        progress(relative)
     outputs = [f"out{i}" for i in range(len(spec.outputs))]
     _write_onnx(portable(module), tuple(_example(a) for a in call.args), names, outputs, root / relative)
     bits = module.meta.get(RING_BITS) if hasattr(module, "meta") else None

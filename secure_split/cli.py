@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .cli_bundle import add_commands, run_bundle, run_export
+
 if TYPE_CHECKING:
     import torch
 
@@ -39,11 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("--policies", default=POLICIES, help=f"comma-separated (default: {POLICIES})")
     inspect.add_argument("--masking", default=None, help="SplitConfig.masking (default: each policy's own)")
     inspect.add_argument("--draw", metavar="DIR", type=Path, help="write DIR/<model>_<policy>.svg per policy")
+    add_commands(sub, MODELS)
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
 
         run_demo()
+    elif args.command == "export":
+        run_export(args)
+    elif args.command == "run":
+        run_bundle(args)
     else:
         run_inspect(args.model, [p.strip() for p in args.policies.split(",") if p.strip()], args.masking, args.draw)
     return 0

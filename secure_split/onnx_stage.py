@@ -42,17 +42,17 @@ class OnnxStage(torch.nn.Module):
         self.meta = {RING_BITS: ring_bits} if ring_bits is not None else {}
         self._session = None
 
-    @property
-    def session(self):
+    def open(self):
+        """The onnxruntime session, opened on first use."""
         if self._session is None:
             self._session = _open(self.path, self.providers)
         return self._session
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        used = {i.name for i in self.session.get_inputs()}  # the exporter drops inputs nothing reads
+        used = {i.name for i in self.open().get_inputs()}  # the exporter drops inputs nothing reads
         pairs = zip(self.input_names, inputs, strict=True)
         feeds = {name: x.detach().cpu().contiguous().numpy() for name, x in pairs if name in used}
-        return tuple(torch.from_numpy(out) for out in self.session.run(None, feeds))
+        return tuple(torch.from_numpy(out) for out in self.open().run(None, feeds))
 
 
 def _open(path: Path, providers: list[str]):

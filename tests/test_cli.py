@@ -131,3 +131,17 @@ def test_draw_rejects_other_formats(gpt2_report, tmp_path):
 def test_format_bytes():
     sizes = (999, 16_384, 1_234_567, 3_000_000_000)
     assert [format_bytes(n) for n in sizes] == ["999 B", "16.4 kB", "1.2 MB", "3.0 GB"]
+
+
+def test_export_and_run_a_bundle_from_a_config(tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "bert", "num_hidden_layers": 1, "hidden_size": 32,
+                                  "intermediate_size": 64, "num_attention_heads": 2, "vocab_size": 100}))  # fmt: skip
+    bundle = tmp_path / "bundle"
+    assert main(["export", "--config", str(config), "--out", str(bundle), "--seq", "8"]) == 0
+    assert f"wrote {bundle}:" in capsys.readouterr().out
+    assert main(["run", str(bundle)]) == 0
+    out = capsys.readouterr().out
+    assert "input_ids (2, 8), attention_mask (2, 8)" in out
+    errors = [float(e) for e in re.findall(r"max \|bundle - eager\| = (\S+)", out)]
+    assert len(errors) == 2 and max(errors) < 5e-4  # last_hidden_state and pooler_output, ring masking

@@ -1,0 +1,124 @@
+"""`secure-split export` and `secure-split run`: write an ONNX split bundle, and run one on sample input."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+SEED = 0  # random-weight models are rebuilt from their config with this seed, so `run` can compare with eager
+
+
+def add_commands(sub: Any, models: tuple[str, ...]) -> None:
+    export = sub.add_parser("export", help="split a model and write its ONNX split bundle")
+    source = export.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", choices=models, help="a tiny random-weight model, or all-MiniLM-L6-v2")
+    source.add_argument("--config", type=Path, help="a transformers config.json (random weights, seed 0)")
+    source.add_argument("--model-path", type=Path, help="a transformers model directory with weights")
+    export.add_argument("--out", type=Path, required=True, help="the bundle directory (new or empty)")
+    export.add_argument("--policy", default="secureinfer")
+    export.add_argument("--masking", default=None)
+    export.add_argument("--batch", type=int, default=2)
+    export.add_argument("--seq", type=int, default=16)
+    run = sub.add_parser("run", help="run a bundle on sample input; compare with eager when the model is at hand")
+    run.add_argument("bundle", type=Path)
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    import secure_split
+
+    about = _about(args)
+    model, inputs = _model_and_inputs(about, args.batch, args.seq)
+    config = secure_split.SplitConfig(policy=args.policy, masking=args.masking)
+    with tqdm(unit="stage", desc="export") as bar:
+
+        def progress(done: int, total: int, name: str) -> None:
+            bar.total = total
+            bar.set_postfix_str(name)
+            bar.update(done - bar.n)
+
+        root = secure_split.export_bundle(model, (), args.out, config, inputs, progress=progress, about=about)
+        bar.update(bar.total - bar.n)
+    files = json.loads((root / "manifest.json").read_text())["files"]
+    size = sum((root / f).stat().st_size for f in files)
+    print(f"wrote {root}: {len(files)} files, {size / 1e6:.1f} MB, policy {args.policy}")
+
+
+def run_bundle(args: argparse.Namespace) -> None:
+    import torch
+
+    import secure_split
+
+    session = secure_split.load_bundle(args.bundle)
+    manifest = session.manifest
+    about = manifest.get("model", {})
+    model, inputs = _model_and_inputs(about, *_batch_and_seq(manifest)) if about else (None, _sample(manifest))
+    tensors = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    out = session(**tensors)
+    print(f"ran {args.bundle} on {', '.join(f'{k} {tuple(v.shape)}' for k, v in tensors.items())}")
+    print(f"outputs: {', '.join(str(tuple(o.shape)) for o in out)}; GPU stages on {session.gpu_providers}")
+    if model is None:
+        print("the model is not at hand (no source in the manifest): no eager comparison")
+        return
+    with torch.no_grad():
+        expected = [t for t in model(**inputs).to_tuple() if isinstance(t, torch.Tensor)]
+    for i, (got, want) in enumerate(zip(out, expected, strict=True)):
+        print(f"output {i}: max |bundle - eager| = {(got - want).abs().max().item():.3g}")
+
+
+def _about(args: argparse.Namespace) -> dict[str, Any]:
+    if args.model is not None:
+        return {"source": "minilm" if args.model == "minilm" else "tiny", "ref": args.model}
+    if args.config is not None:
+        return {"source": "config", "ref": str(args.config.resolve()), "seed": SEED}
+    return {"source": "path", "ref": str(args.model_path.resolve())}
+
+
+def _model_and_inputs(about: dict[str, Any], batch: int, seq: int) -> tuple[Any, dict[str, Any]]:
+    """The model `about` names, and example inputs for it: sentences for a tokenizer, else random ids."""
+    import torch
+    import transformers
+
+    from .demo import SENTENCES, load_minilm
+    from .tiny import tiny_model
+
+    source, ref = about["source"], about["ref"]
+    if source in ("minilm", "path"):
+        model, tokenizer = load_minilm() if source == "minilm" else _pretrained(Path(ref))
+        text = (SENTENCES * batch)[:batch]
+        return model, dict(tokenizer(text, padding="max_length", max_length=seq, truncation=True, return_tensors="pt"))
+    if source == "tiny":
+        model = tiny_model(ref)
+    else:
+        torch.manual_seed(about.get("seed", SEED))
+        model = transformers.AutoModel.from_config(transformers.AutoConfig.from_pretrained(ref)).eval()
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=gen)
+    inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        inputs["use_cache"] = False  # a bundle returns the model's outputs, not a KV cache
+    return model, inputs
+
+
+def _pretrained(path: Path) -> tuple[Any, Any]:
+    import transformers
+
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    return model, transformers.AutoTokenizer.from_pretrained(path)
+
+
+def _batch_and_seq(manifest: dict[str, Any]) -> tuple[int, int]:
+    shape = next(entry["shape"] for entry in manifest["inputs"] if len(entry["shape"]) == 2)
+    return shape[0], shape[1]
+
+
+def _sample(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Inputs of the bundle's shapes when its model is unknown: ones for masks, zeros for anything else."""
+    import torch
+
+    return {e["name"]: (torch.ones if "mask" in e["name"] else torch.zeros)(e["shape"], dtype=torch.long)
+            for e in manifest["inputs"]}  # fmt: skip
