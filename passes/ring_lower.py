@@ -23,7 +23,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from secure_split.enclave_runtime.fixed_point import INT64_LIMIT, RingOverflowError, encode
-from secure_split.runtime.ring_kernels import MAX_LIMB_CONTRACTION, ring_product
+from secure_split.runtime.ring_kernels import MAX_LIMB_CONTRACTION, ring_product, signed_limbs_needed
 
 from .label import GPU, MASKABLE_DTYPES, SHAPE_OPS, packet, producer
 from .meta import REASON, SIDE, TAINT
@@ -264,7 +264,8 @@ class _Lowering:
             raise NotImplementedError(f"ring masking: {node.name} contracts {contraction} > 2^21 terms")
         operands = (self.env[x], weight) if public == 1 else (weight, self.env[x])
         kind = "matmul" if op is aten.linear else _PRODUCTS[op]
-        out = self._emit(ring_product, (kind, *operands, public, self.kernel))
+        limbs = signed_limbs_needed(encode(weight_value, bits))
+        out = self._emit(ring_product, (kind, *operands, public, self.kernel, limbs))
         out_bits = self.fact[x].bits + bits
         gain = float(encode(weight_value, bits).abs().sum(dim=-2 if public == 1 else -1).max())
         bound = self.fact[x].bound * gain

@@ -19,30 +19,37 @@ _NATIVE = {"mm": torch.mm, "bmm": torch.bmm, "matmul": torch.matmul}
 KERNELS = ("auto", "int64", "limbs")
 
 
-def ring_product(op: str, a: torch.Tensor, b: torch.Tensor, public: int, kernel: str = "auto") -> torch.Tensor:
+def ring_product(
+    op: str, a: torch.Tensor, b: torch.Tensor, public: int, kernel: str = "auto", public_limbs: int | None = None
+) -> torch.Tensor:
     """`op(a, b)` (mm, bmm or matmul) over Z_2^64; operand `public` (0 or 1) holds small public weights.
 
-    Floating-point operands (the enclave's float64 copy of a stage, used to make verification vectors) are
-    multiplied as they are."""
+    `public_limbs`, when the compiler knows it, is how many signed limbs the public operand needs (so the limb
+    path reads no value to decide, and exports as a static graph). Floating-point operands (the enclave's
+    float64 copy of a stage, used to make verification vectors) are multiplied as they are."""
     if kernel == "int64" or a.is_floating_point() or (kernel == "auto" and a.device.type == "cpu"):
         return _NATIVE[op](a, b)
-    return limb_product(_NATIVE[op], a, b, public)
+    return limb_product(_NATIVE[op], a, b, public, public_limbs)
 
 
 def limb_product(
-    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: torch.Tensor, b: torch.Tensor, public: int
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    a: torch.Tensor,
+    b: torch.Tensor,
+    public: int,
+    public_limbs: int | None = None,
 ) -> torch.Tensor:
     """Bilinear `fn` over Z_2^64 from float64 limb products; the public operand uses as few signed limbs as fit."""
     counts = [LIMBS, LIMBS]
-    counts[public] = signed_limbs_needed((a, b)[public])
+    counts[public] = public_limbs if public_limbs is not None else signed_limbs_needed((a, b)[public])
     la, lb = split_limbs(a, counts[0]), split_limbs(b, counts[1])
     out: torch.Tensor | None = None
     for i, ai in enumerate(la):
         for j, bj in enumerate(lb):
             if i + j >= LIMBS:
                 continue  # a multiple of 2^64
-            term = fn(ai, bj).to(torch.int64).mul_(2 ** (LIMB_BITS * (i + j)))  # wraps mod 2^64
-            out = term if out is None else out.add_(term)
+            term = fn(ai, bj).to(torch.int64) * 2 ** (LIMB_BITS * (i + j))  # wraps mod 2^64
+            out = term if out is None else out + term
     assert out is not None
     return out
 

@@ -8,13 +8,16 @@ A bundle directory holds:
     <file>.onnx.data               a stage's weights, when they exceed 1 MiB (ONNX external data)
 
 manifest.json: `format` ("secure_split.bundle"), `version` (1), `producer` (secure_split, torch, onnx versions and
-the opset), `config` (the SplitConfig fields the runtime needs; never a seed or a key), `inputs` (the flat inputs
-in call order: the model argument each one is, shape, dtype), `token_inputs` (positions cmif sanitizes),
+the opset), `model` (where the model came from, if the exporter said), `config` (the SplitConfig fields the
+runtime needs; never a seed or a key), `buckets` (one split per shape; each: `batch`, `seq`, `inputs` (the flat
+inputs in call order: the model argument each one is, shape, dtype), `token_inputs` (positions cmif sanitizes),
 `stages` (in order: side, file, input and output value names, ring output bits, the parameters the file holds),
 `boundary` (the boundary graph in order: inputs, stage calls, their items, and every mask/unmask with its cut),
-`outputs` (which boundary values the model returns, in its output order), `dynamic_axes` (none in this version:
-a bundle serves the shapes it was exported for) and `files` (sha256 of every other file). Masking, unmasking and
-the key pool are the enclave runtime's: no GPU file holds a mask, an unmask term or a private parameter.
+`outputs` (which boundary values the model returns, in its output order, and their shapes)), `dynamic_axes`
+(which input and output dimensions are the batch and the sequence; empty for a single-shape bundle) and `files`
+(sha256 of every other file). A bundle with several buckets keeps each bucket's files under `b<batch>_t<seq>/`.
+Masking, unmasking and the key pool are the enclave runtime's: no GPU file holds a mask, an unmask term or a
+private parameter.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from secure_split.partitioner.stages import PartitionResult, StageSpec
 from secure_split.passes.insert_masks import Cut, mask, unmask
 from secure_split.passes.leak_audit import LeakError
 from secure_split.passes.meta import CUT, PARAM_NAMES, PRIVATE_PARAM, SIDE, STAGE, WEIGHTS
-from secure_split.passes.portable_attention import portable
+from secure_split.passes.onnx_lower import portable
 from secure_split.passes.ring_lower import RING_BITS
 
 from .config import SplitConfig
@@ -62,40 +65,47 @@ def export_bundle(
     kwargs: dict[str, Any] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     about: dict[str, Any] | None = None,
+    buckets: list[tuple[int, int]] | None = None,
 ) -> Path:
     """Split `model` on example inputs (or take a `SplitProgram`) and write its ONNX split bundle to `path`.
 
-    `config.private` is checked again against every GPU stage: a file that would carry a private parameter is
-    refused. `progress(done, total, file)` is called as each stage file is written; `about` (JSON-able, e.g.
-    where the model came from) is kept in the manifest as "model"."""
+    `buckets` [(batch, seq), ...] makes one bundle serve other shapes: a split per bucket (the example's 2-D
+    inputs repeated or cut to its shape), and at run time inputs are padded to the smallest bucket that holds
+    them (masked by their attention mask) and outputs cut back. `config.private` is checked again against
+    every GPU stage: a file that would carry a private parameter is refused. `progress(done, total, file)` is
+    called as each stage file is written; `about` (JSON-able, e.g. the model's source) is kept as "model"."""
     from .api import split
 
     args = args if isinstance(args, tuple) else (args,)
-    program = model if isinstance(model, SplitProgram) else split(model, args, kwargs, config)
-    config = config or program.config
-    if program.config.verify:
-        raise NotImplementedError("verify=True checks GPU stages by float64 autograd through torch: not in bundles")
     root = Path(path)
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} is not empty: a bundle is written into a new or empty directory")
-    order = _output_order(model, program, args, kwargs) if not isinstance(model, SplitProgram) else None
-    stages = []
-    for done, spec in enumerate(program.partition.stages):
-        if progress is not None:
-            progress(done, len(program.partition.stages), f"{spec.side}/{spec.module_name}.onnx")
-        stages.append(_export_stage(program, spec, root, config.private))
+    if isinstance(model, SplitProgram):
+        if buckets:
+            raise ValueError("buckets need the model (one split per bucket), not a SplitProgram")
+        examples = [(model, None, "")]
+    else:
+        examples = []
+        for batch, seq in buckets or [(None, None)]:
+            bucket_args, bucket_kwargs = _fit_examples(args, kwargs or {}, batch, seq)
+            torch._dynamo.reset()  # each bucket is a new split of the same model
+            program = split(model, bucket_args, bucket_kwargs, config)
+            order = _output_order(model, program, bucket_args, bucket_kwargs)
+            examples.append((program, order, f"b{batch}_t{seq}/" if buckets else ""))
+    config = config or examples[0][0].config
+    if config.verify:
+        raise NotImplementedError("verify=True checks GPU stages by float64 autograd through torch: not in bundles")
+    total = sum(len(p.partition.stages) for p, _, _ in examples)
+    written = [_export_program(program, order, root, prefix, config.private, progress, total)
+               for program, order, prefix in examples]  # fmt: skip
     manifest = {
         "format": FORMAT,
         "version": VERSION,
         "producer": _producer(),
         "model": about or {},
-        "config": {name: getattr(program.config, name) for name in RUNTIME_FIELDS},
-        "inputs": _inputs(program),
-        "token_inputs": program.token_inputs,
-        "stages": stages,
-        "boundary": [_encode_node(n) for n in program.boundary.graph.nodes if n.op != "output"],
-        "outputs": _outputs(program, order),
-        "dynamic_axes": {},
+        "config": {name: getattr(examples[0][0].config, name) for name in RUNTIME_FIELDS},
+        "buckets": written,
+        "dynamic_axes": _dynamic_axes(written),
         "files": {str(f.relative_to(root)): _sha256(f) for f in sorted(root.rglob("*")) if f.is_file()},
     }
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
@@ -111,48 +121,147 @@ def load_bundle(path: str | Path, providers: list[str] | None = None, seed: int 
     _check_files(root, manifest["files"])
     config = SplitConfig(**manifest["config"], seed=seed, device="cpu")
     gpu = gpu_providers(providers)
-    boundary, specs, on_gpu = _rebuild(root, manifest, gpu)
-    for stage in on_gpu.values():  # open the GPU sessions now: a provider that cannot serve them fails here
-        stage.open()
-    partition = PartitionResult(fx.GraphModule(torch.nn.Module(), fx.Graph()), boundary, specs)
-    sources = [entry["source"] for entry in manifest["inputs"]]
-    program = SplitProgram(partition, config, sources, manifest["token_inputs"], gpu_modules=on_gpu)
-    return BundleSession(program, manifest, gpu)
+    programs = []
+    for bucket in manifest["buckets"]:
+        boundary, specs, on_gpu = _rebuild(root, bucket, manifest["files"], gpu)
+        for stage in on_gpu.values():  # open the GPU sessions now: a provider that cannot serve them fails here
+            stage.open()
+        partition = PartitionResult(fx.GraphModule(torch.nn.Module(), fx.Graph()), boundary, specs)
+        sources = [entry["source"] for entry in bucket["inputs"]]
+        programs.append(SplitProgram(partition, config, sources, bucket["token_inputs"], gpu_modules=on_gpu))
+    return BundleSession(programs, manifest, gpu)
 
 
 class BundleSession:
     """A loaded bundle, called like the model (same positional and keyword tensors); returns its output tensors."""
 
-    def __init__(self, program: SplitProgram, manifest: dict[str, Any], gpu_providers: list[str]) -> None:
-        self.program = program
+    def __init__(self, programs: list[SplitProgram], manifest: dict[str, Any], gpu_providers: list[str]) -> None:
+        self.programs = programs
         self.manifest = manifest
         self.gpu_providers = gpu_providers
 
+    @property
+    def program(self) -> SplitProgram:
+        """The split of the first bucket (the only one of a single-shape bundle): its pool, its counters."""
+        return self.programs[0]
+
     def __call__(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        flat = []
-        for entry in self.manifest["inputs"]:
-            value = _argument(entry, args, kwargs)
-            if tuple(value.shape) != tuple(entry["shape"]) or str(value.dtype) != entry["dtype"]:
-                raise ValueError(
-                    f"bundle input {entry['name']!r} is {tuple(value.shape)} {value.dtype}; this bundle serves "
-                    f"{tuple(entry['shape'])} {entry['dtype']} (static shapes): export one for these inputs"
-                )
-            flat.append(value)
-        result = tree_leaves(self.program.run(*flat))
-        return tuple(result[i] for i in self.manifest["outputs"]["order"])
+        entries = self.manifest["buckets"][0]["inputs"]
+        values = {e["name"]: _argument(e, args, kwargs) for e in entries}
+        index, (batch, seq) = self._bucket_for(values)
+        bucket = self.manifest["buckets"][index]
+        flat = [_pad(values[e["name"]], e) for e in bucket["inputs"]]
+        result = tree_leaves(self.programs[index].run(*flat))
+        axes = self.manifest["dynamic_axes"]["outputs"]
+        return tuple(_cut(result[i], axes[k], batch, seq) for k, i in enumerate(bucket["outputs"]["order"]))
+
+    def _bucket_for(self, values: dict[str, torch.Tensor]) -> tuple[int, tuple[int, int]]:
+        """The bucket that serves these inputs: their own shapes, or the smallest that holds them (padded)."""
+        buckets = self.manifest["buckets"]
+        for index, bucket in enumerate(buckets):
+            if all(tuple(values[e["name"]].shape) == tuple(e["shape"]) for e in bucket["inputs"]):
+                return index, tuple(bucket["inputs"][0]["shape"][:2])
+        dynamic = self.manifest["dynamic_axes"]["inputs"]
+        shapes = {tuple(values[name].shape) for name in dynamic}
+        if not dynamic or len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            wanted = [tuple(e["shape"]) for e in buckets[0]["inputs"]]
+            raise ValueError(f"bundle inputs {[tuple(v.shape) for v in values.values()]} do not fit this bundle's "
+                             f"static shapes {wanted}: export one with buckets=[(batch, seq), ...]")  # fmt: skip
+        batch, seq = next(iter(shapes))
+        fits = [(b["batch"] * b["seq"], i) for i, b in enumerate(buckets) if b["batch"] >= batch and b["seq"] >= seq]
+        if not fits:
+            sizes = [(b["batch"], b["seq"]) for b in buckets]
+            raise ValueError(f"no bucket of this bundle holds batch {batch} x seq {seq}; buckets: {sizes}")
+        return min(fits)[1], (batch, seq)
 
 
 # -- export ------------------------------------------------------------------------------------------------
 
 
-def _export_stage(program: SplitProgram, spec: StageSpec, root: Path, private: tuple[str, ...]) -> dict[str, Any]:
+def _export_program(
+    program: SplitProgram,
+    order: list[int] | None,
+    root: Path,
+    prefix: str,
+    private: tuple[str, ...],
+    progress: Callable[[int, int, str], None] | None,
+    total: int,
+) -> dict[str, Any]:
+    """One split's stage files under `root/prefix`, and its entry in the manifest's buckets."""
+    stages = []
+    for spec in program.partition.stages:
+        if progress is not None:
+            progress(len(list(root.rglob("*.onnx"))), total, f"{prefix}{spec.side}/{spec.module_name}.onnx")
+        stages.append(_export_stage(program, spec, root, prefix, private))
+    inputs = _inputs(program)
+    shape = next((e["shape"] for e in inputs if len(e["shape"]) == 2), [None, None])
+    return {"batch": shape[0], "seq": shape[1], "inputs": inputs, "token_inputs": program.token_inputs,
+            "stages": stages, "boundary": [_encode_node(n) for n in program.boundary.graph.nodes if n.op != "output"],
+            "outputs": _outputs(program, order)}  # fmt: skip
+
+
+def _fit_examples(args: tuple, kwargs: dict[str, Any], batch: int | None, seq: int | None) -> tuple[tuple, dict]:
+    """The example inputs with every 2-D integer tensor repeated or cut to (batch, seq); padding is masked (0)."""
+    if batch is None:
+        return args, kwargs
+
+    def fit(x: Any) -> Any:
+        if not (isinstance(x, torch.Tensor) and x.dim() == 2 and not x.is_floating_point()):
+            return x
+        rows = x[torch.arange(batch) % x.shape[0]]
+        out = torch.zeros(batch, seq, dtype=x.dtype)
+        out[:, : min(seq, x.shape[1])] = rows[:, :seq]
+        return out
+
+    return tuple(fit(a) for a in args), {k: fit(v) for k, v in kwargs.items()}
+
+
+def _dynamic_axes(buckets: list[dict[str, Any]]) -> dict[str, Any]:
+    """Which input and output dimensions are the batch and the sequence, seen across the buckets."""
+    names = [e["name"] for e in buckets[0]["inputs"]]
+    if len(buckets) < 2 or "attention_mask" not in names:  # padding is only sound where a mask hides it
+        return {"inputs": {}, "outputs": [{} for _ in buckets[0]["outputs"]["order"]]}
+    inputs = {e["name"]: {"0": "batch", "1": "sequence"} for e in buckets[0]["inputs"] if len(e["shape"]) == 2}
+    outputs = []
+    for k in range(len(buckets[0]["outputs"]["order"])):
+        shapes = [(b["outputs"]["shapes"][k], b["batch"], b["seq"]) for b in buckets]
+        axes = {}
+        for dim in range(len(shapes[0][0])):
+            if all(s[dim] == batch for s, batch, _ in shapes):
+                axes[str(dim)] = "batch"
+            elif all(s[dim] == seq for s, _, seq in shapes):
+                axes[str(dim)] = "sequence"
+        outputs.append(axes)
+    return {"inputs": inputs, "outputs": outputs}
+
+
+def _pad(value: torch.Tensor, entry: dict[str, Any]) -> torch.Tensor:
+    """`value` zero-padded to the bucket's shape (its padding is masked by the attention mask, also padded)."""
+    if str(value.dtype) != entry["dtype"]:
+        raise ValueError(f"bundle input {entry['name']!r} is {value.dtype}, the bundle takes {entry['dtype']}")
+    if tuple(value.shape) == tuple(entry["shape"]):
+        return value
+    out = torch.zeros(entry["shape"], dtype=value.dtype)
+    out[tuple(slice(0, n) for n in value.shape)] = value
+    return out
+
+
+def _cut(value: torch.Tensor, axes: dict[str, str], batch: int, seq: int) -> torch.Tensor:
+    for dim, axis in axes.items():
+        value = value.narrow(int(dim), 0, batch if axis == "batch" else seq)
+    return value
+
+
+def _export_stage(
+    program: SplitProgram, spec: StageSpec, root: Path, prefix: str, private: tuple[str, ...]
+) -> dict[str, Any]:
     module = program.partition.stage_module(spec)
     held = _stage_parameters(program, spec)
     if spec.side == "gpu":
         _refuse_private(program, spec, private)
     call = next(n for n in program.boundary.graph.nodes if n.op == "call_module" and n.target == spec.module_name)
     names = [f"in{i}" for i in range(len(call.args))]  # neutral names: none clashes with the exporter's own
-    relative = f"{spec.side}/{spec.module_name}.onnx"
+    relative = f"{prefix}{spec.side}/{spec.module_name}.onnx"
     outputs = [f"out{i}" for i in range(len(spec.outputs))]
     _write_onnx(portable(module), tuple(_example(a) for a in call.args), names, outputs, root / relative)
     bits = module.meta.get(RING_BITS) if hasattr(module, "meta") else None
@@ -214,7 +323,9 @@ def _outputs(program: SplitProgram, order: list[int] | None) -> dict[str, Any]:
     leaves = [n.name for n in tree_leaves(output.args[0]) if isinstance(n, fx.Node)]
     if len(leaves) != len(tree_leaves(output.args[0])):
         raise NotImplementedError("the model returns a non-tensor value: bundles return tensors only")
-    return {"values": leaves, "order": order or list(range(len(leaves)))}
+    order = order or list(range(len(leaves)))
+    shapes = [list(leaf.meta["val"].shape) for leaf in tree_leaves(output.args[0])]
+    return {"values": leaves, "order": order, "shapes": [shapes[i] for i in order]}
 
 
 def _output_order(model: torch.nn.Module, program: SplitProgram, args: tuple, kwargs: dict | None) -> list[int]:
@@ -285,7 +396,7 @@ def _read_manifest(root: Path) -> dict[str, Any]:
         raise BundleError(f"{path}: not a readable manifest ({error})") from error
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise BundleError(f"{path}: not a {FORMAT} manifest of version {VERSION}")
-    required = ("producer", "config", "inputs", "token_inputs", "stages", "boundary", "outputs", "files")
+    required = ("producer", "config", "buckets", "dynamic_axes", "files")
     missing = [k for k in required if k not in manifest]
     if missing:
         raise BundleError(f"{path}: manifest lacks {missing}")
@@ -306,14 +417,13 @@ def _check_files(root: Path, files: dict[str, str]) -> None:
 
 
 def _rebuild(
-    root: Path, manifest: dict[str, Any], gpu: list[str]
+    root: Path, bucket: dict[str, Any], digests: dict[str, str], gpu: list[str]
 ) -> tuple[fx.GraphModule, list[StageSpec], dict[str, OnnxStage]]:
     """The boundary graph, calling one OnnxStage per stage file (CPU copies for the enclave's own use)."""
     holder, graph = torch.nn.Module(), fx.Graph()
     env: dict[str, fx.Node] = {}
     specs, on_gpu = [], {}
-    digests = manifest["files"]
-    for stage in manifest["stages"]:
+    for stage in bucket["stages"]:
         digest, path = digests[stage["file"]], root / stage["file"]
         names, bits = stage["onnx_inputs"], stage["ring_bits"]
         holder.add_module(stage["name"], OnnxStage(path, [CPU], digest, names, bits))
@@ -321,9 +431,9 @@ def _rebuild(
             on_gpu[stage["name"]] = OnnxStage(path, gpu, digest, names, bits)
         specs.append(StageSpec(stage["index"], stage["side"], stage["name"], tuple(stage["inputs"]),
                                tuple(stage["outputs"]), stage["num_nodes"], stage["flops"]))  # fmt: skip
-    for entry in manifest["boundary"]:
+    for entry in bucket["boundary"]:
         env[entry["name"]] = _decode_node(graph, entry, env)
-    values = manifest["outputs"]["values"]
+    values = bucket["outputs"]["values"]
     graph.output(tuple(env[v] for v in values))
     return fx.GraphModule(holder, graph, "SplitBoundary"), specs, on_gpu
 

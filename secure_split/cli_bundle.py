@@ -22,6 +22,7 @@ def add_commands(sub: Any, models: tuple[str, ...]) -> None:
     export.add_argument("--masking", default=None)
     export.add_argument("--batch", type=int, default=2)
     export.add_argument("--seq", type=int, default=16)
+    export.add_argument("--buckets", default=None, help="shapes the bundle serves, e.g. 1x32,4x128 (batch x seq)")
     run = sub.add_parser("run", help="run a bundle on sample input; compare with eager when the model is at hand")
     run.add_argument("bundle", type=Path)
 
@@ -41,7 +42,9 @@ def run_export(args: argparse.Namespace) -> None:
             bar.set_postfix_str(name)
             bar.update(done - bar.n)
 
-        root = secure_split.export_bundle(model, (), args.out, config, inputs, progress=progress, about=about)
+        buckets = [tuple(int(n) for n in b.split("x")) for b in args.buckets.split(",")] if args.buckets else None
+        root = secure_split.export_bundle(model, (), args.out, config, inputs, progress=progress, about=about,
+                                          buckets=buckets)  # fmt: skip
         bar.update(bar.total - bar.n)
     files = json.loads((root / "manifest.json").read_text())["files"]
     size = sum((root / f).stat().st_size for f in files)
@@ -112,7 +115,7 @@ def _pretrained(path: Path) -> tuple[Any, Any]:
 
 
 def _batch_and_seq(manifest: dict[str, Any]) -> tuple[int, int]:
-    shape = next(entry["shape"] for entry in manifest["inputs"] if len(entry["shape"]) == 2)
+    shape = next(entry["shape"] for entry in manifest["buckets"][0]["inputs"] if len(entry["shape"]) == 2)
     return shape[0], shape[1]
 
 
@@ -121,4 +124,4 @@ def _sample(manifest: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     return {e["name"]: (torch.ones if "mask" in e["name"] else torch.zeros)(e["shape"], dtype=torch.long)
-            for e in manifest["inputs"]}  # fmt: skip
+            for e in manifest["buckets"][0]["inputs"]}  # fmt: skip

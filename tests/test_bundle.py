@@ -29,10 +29,10 @@ def test_round_trip_equals_eager(name, policy, tmp_path):
     root = secure_split.export_bundle(model, args, tmp_path / "bundle", SplitConfig(policy=policy, seed=0), kwargs)
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["version"] == 1 and manifest["config"]["policy"] == policy
-    for stage in manifest["stages"]:
+    for stage in manifest["buckets"][0]["stages"]:
         assert (root / stage["file"]).is_file() and stage["file"].startswith(stage["side"] + "/")
     if policy == "talaria":
-        assert all(s["parameters"] == [] for s in manifest["stages"] if s["side"] == "enclave")
+        assert all(s["parameters"] == [] for s in manifest["buckets"][0]["stages"] if s["side"] == "enclave")
     session = secure_split.load_bundle(root, seed=1)
     out = session(*args, **tensors(kwargs))
     with torch.no_grad():
@@ -123,9 +123,9 @@ def test_missing_extra_and_schema_errors_are_refused(bert_bundle):
     with pytest.raises(BundleError, match=r"manifest\.json: not a secure_split\.bundle manifest of version 1"):
         secure_split.load_bundle(root)
     manifest["version"] = 1
-    del manifest["boundary"]
+    del manifest["buckets"]
     (root / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match=r"lacks \['boundary'\]"):
+    with pytest.raises(BundleError, match=r"lacks \['buckets'\]"):
         secure_split.load_bundle(root)
 
 
@@ -151,3 +151,26 @@ def test_a_provider_that_cannot_serve_is_an_error_not_a_fallback(bert_bundle):
     _, root, _, _ = bert_bundle
     with pytest.raises(RuntimeError, match="CUDAExecutionProvider"):
         secure_split.load_bundle(root, providers=["CUDAExecutionProvider"])
+
+
+def test_buckets_serve_other_batch_and_sequence_lengths(tmp_path):
+    model = tiny_model("bert")
+    args, kwargs = tiny_inputs("bert")
+    root = secure_split.export_bundle(model, args, tmp_path / "b", SplitConfig(seed=0), kwargs,
+                                      buckets=[(2, 8), (3, 12)])  # fmt: skip
+    session = secure_split.load_bundle(root)
+    axes = session.manifest["dynamic_axes"]
+    assert axes["inputs"]["attention_mask"] == {"0": "batch", "1": "sequence"}
+    assert axes["outputs"] == [{"0": "batch", "1": "sequence"}, {"0": "batch"}]  # hidden states, pooled
+    gen = torch.Generator().manual_seed(3)
+    for batch, seq in [(2, 8), (3, 10), (1, 4), (3, 12)]:  # exact buckets, and shapes padded into one
+        ids = torch.randint(0, 128, (batch, seq), generator=gen)
+        mask = torch.ones(batch, seq, dtype=torch.long)
+        mask[0, -1] = 0
+        out = session(ids, attention_mask=mask)
+        with torch.no_grad():
+            want = model(ids, attention_mask=mask)
+        torch.testing.assert_close(out[0], want.last_hidden_state, atol=5e-4, rtol=1e-3)
+        torch.testing.assert_close(out[1], want.pooler_output, atol=5e-4, rtol=1e-3)
+    with pytest.raises(ValueError, match=r"no bucket of this bundle holds batch 4 x seq 8"):
+        session(torch.zeros(4, 8, dtype=torch.long), attention_mask=torch.ones(4, 8, dtype=torch.long))

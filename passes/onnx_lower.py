@@ -1,9 +1,12 @@
-"""Export lowering: fused attention as plain ops, with torch's answer for a query that may attend to nothing.
+"""Lowering for ONNX export: stages rewritten into ops that mean the same in onnxruntime, on any provider.
 
-torch's CPU attention kernels return zeros for a query row whose mask is -inf everywhere (e.g. the padded
-positions of a left-padded batch); ONNX's translation of the fused op computes softmax(-inf, ..., -inf) = NaN
-there, and the NaN then reaches every position through attention·V. Written out as matmul, softmax and a
-guard on such rows, the stage means the same in both runtimes.
+- Ring products use the float64 limb kernel with the public operand's limb count fixed at compile time: exact,
+  a static graph, and float64 GEMMs (onnxruntime's CUDA provider has no int64 MatMul; on its CPU provider
+  int64 MatMul is far slower than float64 GEMMs).
+- Fused attention is written out. torch's CPU attention kernels return zeros for a query row whose mask is
+  -inf everywhere (e.g. the padded positions of a left-padded batch); ONNX's translation of the fused op
+  computes softmax(-inf, ..., -inf) = NaN there, and the NaN then reaches every position through attention·V.
+  Written out as matmul, softmax and a guard on such rows, the stage means the same in both runtimes.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import torch
 from torch import fx
 from torch.fx.operator_schemas import normalize_function
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from secure_split.runtime.ring_kernels import ring_product
 
 aten = torch.ops.aten
 FUSED = {aten._scaled_dot_product_flash_attention_for_cpu.default, aten.scaled_dot_product_attention.default}
@@ -56,10 +61,25 @@ class PortableAttentionPass(PassBase):
         return PassResult(graph_module, changed)
 
 
+class LimbProductsPass(PassBase):
+    """Switches every ring product to the limb kernel (its public limb count was fixed by the ring lowering)."""
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        products = [n for n in graph_module.graph.nodes if n.op == "call_function" and n.target is ring_product]
+        for node in products:
+            op, a, b, public, _, limbs = node.args
+            node.args = (op, a, b, public, "limbs", limbs)
+        if products:
+            graph_module.recompile()
+        return PassResult(graph_module, bool(products))
+
+
 def portable(stage: fx.GraphModule) -> fx.GraphModule:
-    """A copy of `stage` (sharing its constants) with fused attention written out."""
+    """A copy of `stage` (sharing its constants) lowered for ONNX export."""
     copied = fx.GraphModule(stage, copy.deepcopy(stage.graph), stage.__class__.__name__)
-    return PortableAttentionPass()(copied).graph_module
+    for lowering in (PortableAttentionPass(), LimbProductsPass()):
+        copied = lowering(copied).graph_module
+    return copied
 
 
 def _replace(graph: fx.Graph, node: fx.Node) -> None:
