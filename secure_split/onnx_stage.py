@@ -60,6 +60,10 @@ def _open(path: Path, providers: list[str]):
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
+    # A bundle opens one session per stage and runs one at a time: threads that spin between runs (the
+    # default) would take the cores from the session that is running.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if providers[0] != CPU:
         options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     try:

@@ -42,7 +42,7 @@ def test_round_trip_equals_eager(name, policy, tmp_path):
         torch.testing.assert_close(got, want, **TOLERANCE[policy])
 
 
-@pytest.mark.parametrize("policy", ["secureinfer", "cmif", "auto"])
+@pytest.mark.parametrize("policy", POLICIES)
 def test_minilm_round_trip(policy, tmp_path):
     from secure_split.demo import SENTENCES, load_minilm
 
@@ -52,7 +52,8 @@ def test_minilm_round_trip(policy, tmp_path):
     out = secure_split.load_bundle(root)(**kwargs)
     with torch.no_grad():
         expected = model(**kwargs).last_hidden_state
-    torch.testing.assert_close(out[0], expected, atol=2e-4, rtol=1e-3)
+    torch.testing.assert_close(out[0], expected, **({"atol": 5e-3, "rtol": 1e-3} if policy == "talaria" else
+                                                    {"atol": 2e-4, "rtol": 1e-3}))  # fmt: skip
     if policy == "secureinfer":  # MiniLM's weights are large: stage files keep them as external data
         assert any(f.endswith(".onnx.data") for f in json.loads((root / "manifest.json").read_text())["files"])
 
