@@ -12,7 +12,6 @@ Writes benchmarks/results/bench_bundle.json and .png.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -21,14 +20,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from bench_overhead import timed
+from bench_overhead import save_results, timed
 from transformers import GPT2Config, GPT2Model
 
 import secure_split
 from secure_split import SplitConfig
 from secure_split.demo import SENTENCES, load_minilm
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def workloads() -> dict[str, tuple[torch.nn.Module, dict]]:
@@ -71,10 +68,8 @@ def main() -> None:
             for policy in ("secureinfer", "talaria"):
                 rows.append(measure(name, model, kwargs, policy, args.repeats, Path(tmp)))
                 print_row(rows[-1])
-    RESULTS.mkdir(exist_ok=True)
     setup = {"repeats": args.repeats, "threads": torch.get_num_threads(), "gpu_stages_on": "cpu"}
-    (RESULTS / "bench_bundle.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
-    plot(rows, RESULTS / "bench_bundle.png")
+    save_results("bench_bundle", setup, rows, plot)
 
 
 def print_row(r: dict) -> None:

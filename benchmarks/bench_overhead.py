@@ -21,6 +21,7 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,6 +33,13 @@ import secure_split
 from secure_split import SplitConfig
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def save_results(name: str, setup: dict, rows: list[dict], plot: Callable[[list[dict], Path], None]) -> None:
+    """benchmarks/results/<name>.json (setup and rows) and <name>.png (drawn by `plot`)."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
+    plot(rows, RESULTS / f"{name}.png")
 
 
 def timed(fn, repeats: int) -> float:
@@ -113,11 +121,9 @@ def main() -> None:
         torch._dynamo.reset()
 
     print_table(rows, args, device)
-    RESULTS.mkdir(exist_ok=True)
     setup = {"layers": args.layers, "width": args.width, "batch": 1, "seq": args.seq, "gpu_stages_on": device,
              "torch": torch.__version__, "threads": torch.get_num_threads()}  # fmt: skip
-    (RESULTS / "bench_overhead.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
-    plot(rows, RESULTS / "bench_overhead.png", setup)
+    save_results("bench_overhead", setup, rows, lambda r, path: plot(r, path, setup))
 
 
 def print_table(rows: list[dict], args, device: str) -> None:

@@ -12,7 +12,6 @@ Writes benchmarks/results/bench_policies.json and .png.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -20,14 +19,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from bench_overhead import timed
+from bench_overhead import save_results, timed
 from transformers import GPT2Config, GPT2Model
 
 import secure_split
 from secure_split import SplitConfig
 from secure_split.config import POLICIES
 
-RESULTS = Path(__file__).parent / "results"
 SIZES = {"gpt2-2x128": (2, 128), "gpt2-6x384": (6, 384), "gpt2-12x768 (small)": (12, 768)}
 
 
@@ -69,11 +67,9 @@ def main() -> None:
         for policy in POLICIES:
             rows.append({"model": label, **measure(model, ids, policy, eager_s, args.repeats)})
             print_row(rows[-1])
-    RESULTS.mkdir(exist_ok=True)
     setup = {"batch": 1, "seq": args.seq, "repeats": args.repeats, "gpu_stages_on": SplitConfig().device,
              "cost": vars(SplitConfig().cost), "threads": torch.get_num_threads()}  # fmt: skip
-    (RESULTS / "bench_policies.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
-    plot(rows, RESULTS / "bench_policies.png")
+    save_results("bench_policies", setup, rows, plot)
 
 
 def print_row(r: dict) -> None:
