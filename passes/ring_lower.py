@@ -200,7 +200,8 @@ class _Lowering:
 
     def _public_term(self, value: torch.Tensor | float, bits: int) -> tuple[fx.Node | int, float]:
         """A public constant added to a value with `bits` fractional bits, and its bound."""
-        return self._constant(value, bits), float(torch.as_tensor(value).abs().max()) * 2.0**bits
+        magnitude = torch.as_tensor(value).abs()
+        return self._constant(value, bits), float(magnitude.max() if magnitude.numel() else 0.0) * 2.0**bits
 
     # -- rules ----------------------------------------------------------------------------------------------
 

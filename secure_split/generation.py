@@ -1,0 +1,183 @@
+"""Text generation with split programs: the KV cache, the sampling and the generated tokens stay in the enclave.
+
+Prefill is one split program per prompt shape. Each decode step runs a split program for one new token whose
+past keys and values are the enclave's cache zero-padded to a multiple of `bucket` positions (the padding
+masked out by the attention mask), so a decode program is built once per bucket, not once per token. The
+K and V projections of the new token still run masked on the GPU; their results come back to the enclave,
+which appends them to its cache. Nothing of the cache is ever sent to the GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from secure_split.enclave_runtime.csprng import CSPRNG
+
+from .api import split
+from .config import SplitConfig
+from .program import SplitProgram
+
+
+@dataclass
+class Sampling:
+    """How the next token is chosen from the logits: greedy, or sampled with the enclave's CSPRNG."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling needs temperature > 0, top_k >= 0 and 0 < top_p <= 1, got {self}")
+
+    def choose(self, logits: torch.Tensor, rng: CSPRNG) -> torch.Tensor:
+        """One token id per row of `logits` [B, V]."""
+        if not self.do_sample:
+            return logits.argmax(-1)
+        scores = logits.double() / self.temperature
+        if self.top_k:
+            kth = scores.topk(min(self.top_k, scores.shape[-1]), -1).values[:, -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        probs, order = scores.softmax(-1).sort(-1, descending=True)
+        if self.top_p < 1:
+            outside = probs.cumsum(-1) - probs >= self.top_p  # keep the smallest prefix reaching top_p
+            probs = probs.masked_fill(outside, 0.0)
+        cdf = probs.cumsum(-1)
+        u = rng.uniform(len(logits)).double()[:, None] * cdf[:, -1:]
+        pick = (cdf < u).sum(-1).clamp(max=probs.shape[-1] - 1)
+        return order.gather(-1, pick[:, None])[:, 0]
+
+
+@dataclass
+class GenerationStats:
+    """What crossed per generated token, summed over the decode programs' reports."""
+
+    tokens: int = 0
+    round_trips: int = 0
+    bytes_to_gpu: int = 0
+    bytes_to_enclave: int = 0
+    enclave_flops: int = 0
+    gpu_flops: int = 0
+    programs: dict[str, SplitProgram] = field(default_factory=dict)
+
+    def per_token(self) -> dict[str, float]:
+        n = max(1, self.tokens)
+        flops = self.enclave_flops + self.gpu_flops
+        return {"round_trips": self.round_trips / n, "bytes_to_gpu": self.bytes_to_gpu / n,
+                "bytes_to_enclave": self.bytes_to_enclave / n,
+                "enclave_flop_share": self.enclave_flops / flops if flops else 1.0}  # fmt: skip
+
+
+class SplitGenerator:
+    """Split prefill and decode programs for one model, built on first use per prompt shape and cache bucket."""
+
+    def __init__(self, model: torch.nn.Module, config: SplitConfig | None = None, bucket: int = 32) -> None:
+        if bucket < 1:
+            raise ValueError(f"bucket must be >= 1, got {bucket}")
+        self.model = model
+        self.config = config or SplitConfig()
+        self.bucket = bucket
+        self.rng = CSPRNG(self.config.seed)
+        self.programs: dict[tuple, SplitProgram] = {}
+        self.stats = GenerationStats()
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
+                 **sampling: Any) -> torch.Tensor:  # fmt: skip
+        """The prompt followed by up to `max_new_tokens` tokens per row (as `model.generate` returns them)."""
+        choose = Sampling(**sampling)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+        self._check(input_ids, mask, max_new_tokens)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self._run(("prefill", tuple(input_ids.shape)), input_ids, attention_mask=mask, position_ids=positions)
+        keys = [layer.keys for layer in out.past_key_values.layers]
+        values = [layer.values for layer in out.past_key_values.layers]
+        eos, pad = self._eos_and_pad()
+        done = torch.zeros(len(input_ids), dtype=torch.bool)
+        generated = []
+        position = positions[:, -1:]
+        for step in range(max_new_tokens):
+            token = choose.choose(out.logits[:, -1], self.rng)
+            if eos is not None:
+                token = torch.where(done, torch.full_like(token, pad), token)
+                done |= torch.isin(token, eos)
+            generated.append(token)
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            position = position + 1
+            out = self._decode(token[:, None], keys, values, mask, position)
+            layers = out.past_key_values.layers
+            keys = [torch.cat([k, layer.keys[:, :, -1:]], 2) for k, layer in zip(keys, layers, strict=True)]
+            values = [torch.cat([v, layer.values[:, :, -1:]], 2) for v, layer in zip(values, layers, strict=True)]
+        return torch.cat([input_ids, torch.stack(generated, 1)], 1)
+
+    def _decode(self, token, keys, values, mask, position):
+        """One decode step on the cache padded to its bucket; the new token's slot is the last one."""
+        length = keys[0].shape[2]
+        padded = -(-length // self.bucket) * self.bucket
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(zip(keys, values, strict=True)):
+            gap = (0, 0, 0, padded - length)
+            cache.update(torch.nn.functional.pad(k, gap), torch.nn.functional.pad(v, gap), i)
+        holes = torch.zeros(len(mask), padded - length, dtype=mask.dtype)
+        full_mask = torch.cat([mask[:, :-1], holes, mask[:, -1:]], 1)
+        key = ("decode", tuple(token.shape), padded)
+        out = self._run(key, token, attention_mask=full_mask, position_ids=position, past_key_values=cache)
+        self.stats.tokens += 1
+        report = self.programs[key].report()
+        self.stats.round_trips += report.round_trips
+        self.stats.bytes_to_gpu += report.bytes_to_gpu
+        self.stats.bytes_to_enclave += report.bytes_to_enclave
+        self.stats.enclave_flops += report.enclave_flops
+        self.stats.gpu_flops += report.gpu_flops
+        return out
+
+    def _run(self, key: tuple, ids: torch.Tensor, **kwargs: Any) -> Any:
+        kwargs["use_cache"] = True
+        if key not in self.programs:  # the capture call updates a cache it is given: give it a copy
+            self.programs[key] = split(self.model, (ids,), copy.deepcopy(kwargs), self.config)
+            self.stats.programs[str(key)] = self.programs[key]
+        return self.programs[key](ids, **kwargs)
+
+    def _eos_and_pad(self) -> tuple[torch.Tensor | None, int]:
+        config = getattr(self.model, "generation_config", None)
+        eos = getattr(config, "eos_token_id", None)
+        if eos is None:
+            return None, 0
+        eos_ids = torch.tensor(eos if isinstance(eos, list) else [eos])
+        pad = getattr(config, "pad_token_id", None)
+        return eos_ids, int(eos_ids[0] if pad is None else pad)
+
+    def _check(self, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> None:
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
+            raise ValueError(f"generate needs a non-empty prompt [batch, length], got shape {tuple(input_ids.shape)}")
+        if mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask {tuple(mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        limit = getattr(self.model.config, "max_position_embeddings", None) or getattr(
+            self.model.config, "n_positions", None)  # fmt: skip
+        if limit is not None and int(mask.sum(-1).max()) + max_new_tokens > limit:
+            raise ValueError(f"{input_ids.shape[1]} prompt + {max_new_tokens} new tokens exceed the model's "
+                             f"{limit} positions")  # fmt: skip
+
+
+def generate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    config: SplitConfig | None = None,
+    attention_mask: torch.Tensor | None = None,
+    bucket: int = 32,
+    **sampling: Any,
+) -> torch.Tensor:
+    """Generate with split prefill and decode programs (greedy, or `do_sample=True` with `temperature`,
+    `top_k`, `top_p`); the KV cache, the sampling and the tokens never leave the enclave."""
+    return SplitGenerator(model, config, bucket).generate(input_ids, max_new_tokens, attention_mask, **sampling)
