@@ -10,6 +10,7 @@ which appends them to its cache. Nothing of the cache is ever sent to the GPU.
 from __future__ import annotations
 
 import copy
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,4 +181,13 @@ def generate(
 ) -> torch.Tensor:
     """Generate with split prefill and decode programs (greedy, or `do_sample=True` with `temperature`,
     `top_k`, `top_p`); the KV cache, the sampling and the tokens never leave the enclave."""
-    return SplitGenerator(model, config, bucket).generate(input_ids, max_new_tokens, attention_mask, **sampling)
+    config = config or SplitConfig()
+    generators = _GENERATORS.setdefault(model, {})
+    if (config, bucket) not in generators:  # programs are reused across calls (Dynamo compiles each shape once)
+        generators[(config, bucket)] = SplitGenerator(model, config, bucket)
+    generator = generators[(config, bucket)]
+    generator.rng = CSPRNG(config.seed)  # a seeded call samples the same tokens every time
+    return generator.generate(input_ids, max_new_tokens, attention_mask, **sampling)
+
+
+_GENERATORS: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, SplitGenerator]] = weakref.WeakKeyDictionary()
