@@ -10,6 +10,7 @@ which appends them to its cache. Nothing of the cache is ever sent to the GPU.
 from __future__ import annotations
 
 import copy
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ from secure_split.enclave_runtime.csprng import CSPRNG
 from .api import split
 from .config import SplitConfig
 from .program import SplitProgram
+from .report import PartitionReport
 
 
 @dataclass
@@ -65,6 +67,8 @@ class GenerationStats:
     bytes_to_enclave: int = 0
     enclave_flops: int = 0
     gpu_flops: int = 0
+    prefill_s: float = 0.0  # wall time in prefill calls, and in decode calls (building programs excluded)
+    decode_s: float = 0.0
     programs: dict[str, SplitProgram] = field(default_factory=dict)
 
     def per_token(self) -> dict[str, float]:
@@ -86,6 +90,7 @@ class SplitGenerator:
         self.bucket = bucket
         self.rng = CSPRNG(self.config.seed)
         self.programs: dict[tuple, SplitProgram] = {}
+        self.reports: dict[tuple, PartitionReport] = {}
         self.stats = GenerationStats()
 
     @torch.no_grad()
@@ -132,7 +137,7 @@ class SplitGenerator:
         key = ("decode", tuple(token.shape), padded)
         out = self._run(key, token, attention_mask=full_mask, position_ids=position, past_key_values=cache)
         self.stats.tokens += 1
-        report = self.programs[key].report()
+        report = self.reports[key]
         self.stats.round_trips += report.round_trips
         self.stats.bytes_to_gpu += report.bytes_to_gpu
         self.stats.bytes_to_enclave += report.bytes_to_enclave
@@ -144,8 +149,16 @@ class SplitGenerator:
         kwargs["use_cache"] = True
         if key not in self.programs:  # the capture call updates a cache it is given: give it a copy
             self.programs[key] = split(self.model, (ids,), copy.deepcopy(kwargs), self.config)
+            self.reports[key] = self.programs[key].report()  # its counts per call, taken once
             self.stats.programs[str(key)] = self.programs[key]
-        return self.programs[key](ids, **kwargs)
+        start = time.perf_counter()
+        out = self.programs[key](ids, **kwargs)
+        elapsed = time.perf_counter() - start
+        if key[0] == "prefill":
+            self.stats.prefill_s += elapsed
+        else:
+            self.stats.decode_s += elapsed
+        return out
 
     def _eos_and_pad(self) -> tuple[torch.Tensor | None, int]:
         config = getattr(self.model, "generation_config", None)

@@ -86,3 +86,15 @@ def test_bad_generation_input_is_refused(ids, new, match):
         secure_split.generate(tiny_lm("gpt2"), ids, new)
     with pytest.raises(ValueError, match="temperature"):
         secure_split.generate(tiny_lm("gpt2"), torch.ones(1, 4, dtype=torch.long), 2, do_sample=True, temperature=0)
+
+
+def test_a_compiled_model_works_inside_transformers_generate():
+    """fullgraph=True: no graph break can move work elsewhere; each new cache length gets its own program."""
+    model, reference = tiny_lm("gpt2"), tiny_lm("gpt2")
+    model.forward = torch.compile(model.forward, backend="secure_split", fullgraph=True)
+    ids, mask = prompt()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+        expected = reference.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    assert torch.equal(out, expected)
+    assert secure_split.last_program().report().round_trips > 0
