@@ -124,8 +124,39 @@ class SplitGenerator:
             values = [torch.cat([v, layer.values[:, :, -1:]], 2) for v, layer in zip(values, layers, strict=True)]
         return torch.cat([input_ids, torch.stack(generated, 1)], 1)
 
-    def _decode(self, token, keys, values, mask, position):
-        """One decode step on the cache padded to its bucket; the new token's slot is the last one."""
+    @torch.no_grad()
+    def precompute(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None
+                   ) -> dict[tuple, int]:  # fmt: skip
+        """Fill the key pools for one generation of this shape, `max_new_tokens` tokens ahead.
+
+        Builds the prefill and every decode bucket's program the generation will need (each build runs its
+        program once), then puts keys for the prefill and each decode step in their pools. Returns pool sizes."""
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+        self._check(input_ids, mask, max_new_tokens)
+        prefill = ("prefill", tuple(input_ids.shape))
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        layers = self._run(prefill, input_ids, attention_mask=mask, position_ids=positions).past_key_values.layers
+        steps: dict[int, int] = {}
+        for length in range(input_ids.shape[1], input_ids.shape[1] + max_new_tokens - 1):
+            padded = -(-length // self.bucket) * self.bucket
+            steps[padded] = steps.get(padded, 0) + 1
+        token = input_ids[:, -1:].contiguous()  # laid out as a decode step's token (Dynamo guards on strides)
+        for padded in steps:
+            key = ("decode", tuple(token.shape), padded)
+            if key not in self.programs:  # built on a zero cache of the bucket's size
+                zeros = [torch.zeros(*layer.keys.shape[:2], padded, layer.keys.shape[-1]) for layer in layers]
+                full = torch.ones(len(token), padded + 1, dtype=torch.long)
+                position = positions[:, -1:].contiguous()
+                self._decode(token, zeros, [z.clone() for z in zeros], full, position, count=False)
+        pools = {prefill: self.programs[prefill].precompute(1)}
+        for padded, count in steps.items():
+            key = ("decode", tuple(token.shape), padded)
+            pools[key] = self.programs[key].precompute(count)
+        return pools
+
+    def _decode(self, token, keys, values, mask, position, count: bool = True):
+        """One decode step on the cache padded to its bucket; the new token's slot is the last one.
+        `count=False`: a build run of `precompute`, not a generated token (kept out of the stats)."""
         length = keys[0].shape[2]
         padded = -(-length // self.bucket) * self.bucket
         cache = DynamicCache()
@@ -136,6 +167,8 @@ class SplitGenerator:
         full_mask = torch.cat([mask[:, :-1], holes, mask[:, -1:]], 1)
         key = ("decode", tuple(token.shape), padded)
         out = self._run(key, token, attention_mask=full_mask, position_ids=position, past_key_values=cache)
+        if not count:
+            return out
         self.stats.tokens += 1
         report = self.reports[key]
         self.stats.round_trips += report.round_trips

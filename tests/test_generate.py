@@ -98,3 +98,18 @@ def test_a_compiled_model_works_inside_transformers_generate():
         expected = reference.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
     assert torch.equal(out, expected)
     assert secure_split.last_program().report().round_trips > 0
+
+
+def test_the_pool_is_filled_for_a_whole_generation_ahead():
+    model = tiny_lm("llama")
+    ids, mask = prompt()
+    generator = SplitGenerator(model, SplitConfig(seed=0), bucket=16)
+    pools = generator.precompute(ids, 12, attention_mask=mask)
+    # 11 decode steps on caches of 8..18 positions: 9 in the bucket of 16, 2 in the bucket of 32
+    assert pools == {("prefill", (2, 8)): 1, ("decode", (2, 1), 16): 9, ("decode", (2, 1), 32): 2}
+    online = {k: p.online_calls for k, p in generator.programs.items()}
+    out = generator.generate(ids, 12, attention_mask=mask)
+    assert {k: p.online_calls for k, p in generator.programs.items()} == online  # every key came from a pool
+    assert all(len(p.pool) == 0 and p.pool_calls > 0 for p in generator.programs.values())
+    with torch.no_grad():
+        assert torch.equal(out, model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False))
