@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -69,7 +69,6 @@ class GenerationStats:
     gpu_flops: int = 0
     prefill_s: float = 0.0  # wall time in prefill calls, and in decode calls (building programs excluded)
     decode_s: float = 0.0
-    programs: dict[str, SplitProgram] = field(default_factory=dict)
 
     def per_token(self) -> dict[str, float]:
         n = max(1, self.tokens)
@@ -183,7 +182,6 @@ class SplitGenerator:
         if key not in self.programs:  # the capture call updates a cache it is given: give it a copy
             self.programs[key] = split(self.model, (ids,), copy.deepcopy(kwargs), self.config)
             self.reports[key] = self.programs[key].report()  # its counts per call, taken once
-            self.stats.programs[str(key)] = self.programs[key]
         start = time.perf_counter()
         out = self.programs[key](ids, **kwargs)
         elapsed = time.perf_counter() - start
