@@ -97,9 +97,7 @@ class SplitGenerator:
                  **sampling: Any) -> torch.Tensor:  # fmt: skip
         """The prompt followed by up to `max_new_tokens` tokens per row (as `model.generate` returns them)."""
         choose = Sampling(**sampling)
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
-        self._check(input_ids, mask, max_new_tokens)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        mask, positions = self._prompt(input_ids, attention_mask, max_new_tokens)
         out = self._run(("prefill", tuple(input_ids.shape)), input_ids, attention_mask=mask, position_ids=positions)
         keys = [layer.keys for layer in out.past_key_values.layers]
         values = [layer.values for layer in out.past_key_values.layers]
@@ -130,14 +128,12 @@ class SplitGenerator:
 
         Builds the prefill and every decode bucket's program the generation will need (each build runs its
         program once), then puts keys for the prefill and each decode step in their pools. Returns pool sizes."""
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
-        self._check(input_ids, mask, max_new_tokens)
+        mask, positions = self._prompt(input_ids, attention_mask, max_new_tokens)
         prefill = ("prefill", tuple(input_ids.shape))
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         layers = self._run(prefill, input_ids, attention_mask=mask, position_ids=positions).past_key_values.layers
         steps: dict[int, int] = {}
         for length in range(input_ids.shape[1], input_ids.shape[1] + max_new_tokens - 1):
-            padded = -(-length // self.bucket) * self.bucket
+            padded = self._bucket_of(length)
             steps[padded] = steps.get(padded, 0) + 1
         token = input_ids[:, -1:].contiguous()  # laid out as a decode step's token (Dynamo guards on strides)
         for padded in steps:
@@ -157,7 +153,7 @@ class SplitGenerator:
         """One decode step on the cache padded to its bucket; the new token's slot is the last one.
         `count=False`: a build run of `precompute`, not a generated token (kept out of the stats)."""
         length = keys[0].shape[2]
-        padded = -(-length // self.bucket) * self.bucket
+        padded = self._bucket_of(length)
         cache = DynamicCache()
         for i, (k, v) in enumerate(zip(keys, values, strict=True)):
             gap = (0, 0, 0, padded - length)
@@ -190,6 +186,17 @@ class SplitGenerator:
         else:
             self.stats.decode_s += elapsed
         return out
+
+    def _prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """The checked prompt's mask and positions (left padding: positions count real tokens only)."""
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+        self._check(input_ids, mask, max_new_tokens)
+        return mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def _bucket_of(self, length: int) -> int:
+        """The padded cache length a decode step on `length` cached positions runs at."""
+        return -(-length // self.bucket) * self.bucket
 
     def _eos_and_pad(self) -> tuple[torch.Tensor | None, int]:
         config = getattr(self.model, "generation_config", None)
