@@ -96,8 +96,10 @@ def export_bundle(
     if config.verify:
         raise NotImplementedError("verify=True checks GPU stages by float64 autograd through torch: not in bundles")
     total = sum(len(p.partition.stages) for p, _, _ in examples)
-    written = [_export_program(program, order, root, prefix, config.private, progress, total)
-               for program, order, prefix in examples]  # fmt: skip
+    written: list[dict[str, Any]] = []
+    for program, order, prefix in examples:
+        done = sum(len(bucket["stages"]) for bucket in written)
+        written.append(_export_program(program, order, root, prefix, config.private, progress, done, total))
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -185,13 +187,15 @@ def _export_program(
     prefix: str,
     private: tuple[str, ...],
     progress: Callable[[int, int, str], None] | None,
+    done: int,
     total: int,
 ) -> dict[str, Any]:
-    """One split's stage files under `root/prefix`, and its entry in the manifest's buckets."""
+    """One split's stage files under `root/prefix` (`done` of `total` files written before), and its entry in
+    the manifest's buckets."""
     stages = []
     for spec in program.partition.stages:
         if progress is not None:
-            progress(len(list(root.rglob("*.onnx"))), total, f"{prefix}{spec.side}/{spec.module_name}.onnx")
+            progress(done + len(stages), total, f"{prefix}{spec.side}/{spec.module_name}.onnx")
         stages.append(_export_stage(program, spec, root, prefix, private))
     inputs = _inputs(program)
     shape = next((e["shape"] for e in inputs if len(e["shape"]) == 2), [None, None])
@@ -293,19 +297,19 @@ def _example(arg: fx.Node) -> torch.Tensor:
     return torch.zeros(tuple(val.shape), dtype=val.dtype)
 
 
+def _stage_constants(program: SplitProgram, spec: StageSpec) -> list[fx.Node]:
+    """The constants (get_attr nodes of the labelled graph) that the stage's own nodes read."""
+    return [n for n in program.partition.labelled.graph.nodes
+            if n.op == "get_attr" and any(u.meta.get(STAGE) == spec.index for u in n.users)]  # fmt: skip
+
+
 def _stage_parameters(program: SplitProgram, spec: StageSpec) -> list[str]:
-    names: set[str] = set()
-    for node in program.partition.labelled.graph.nodes:
-        if node.op == "get_attr" and any(u.meta.get(STAGE) == spec.index for u in node.users):
-            names.update(node.meta.get(WEIGHTS, ()))
-    return sorted(names)
+    return sorted({name for node in _stage_constants(program, spec) for name in node.meta.get(WEIGHTS, ())})
 
 
 def _refuse_private(program: SplitProgram, spec: StageSpec, private: tuple[str, ...]) -> None:
     """A GPU stage file must hold no private parameter: by the program's labels or by the export's globs."""
-    for node in program.partition.labelled.graph.nodes:
-        if node.op != "get_attr" or not any(u.meta.get(STAGE) == spec.index for u in node.users):
-            continue
+    for node in _stage_constants(program, spec):
         names = node.meta.get(PARAM_NAMES, ())
         if node.meta.get(PRIVATE_PARAM) or any(fnmatchcase(n, g) for n in names for g in private):
             raise LeakError(f"gpu/{spec.module_name}.onnx would carry private parameter(s) {list(names)}: refused")
