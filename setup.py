@@ -15,6 +15,7 @@ setup(
     python_requires=">=3.11",
     packages=list(PACKAGES),
     package_dir=PACKAGES,
+    package_data={"secure_split.runtime": ["*.proto"], "secure_split.enclave_runtime": ["gramine/*.template"]},
     entry_points={
         "torch_dynamo_backends": ["secure_split = secure_split.backend:secure_split_backend"],
         "console_scripts": ["secure-split = secure_split.cli:main"],

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -45,23 +46,41 @@ class CheckPlan:
 
 
 class StageVerifier:
-    """Makes a stage's offline check vectors and checks its answers online."""
+    """Makes a stage's offline check vectors and checks its answers online.
+
+    `transpose(*s)` returns u = Lᵀs for weights s on the outputs (float64, exact); `out_bounds` bound the
+    unmasked outputs. `for_stage` builds one from an fx stage; a bundle keeps `transpose` as an ONNX file."""
 
     def __init__(
-        self, stage: fx.GraphModule, inputs_like: list[torch.Tensor], name: str, target_bits: int
+        self,
+        name: str,
+        transpose: Callable[..., tuple[torch.Tensor, ...]],
+        plan: CheckPlan,
+        out_bounds: list[int],
+        out_shapes: list[tuple[int, ...]],
+        inputs_like: list[torch.Tensor],
     ) -> None:
         self.name = name
+        self.transpose = transpose
+        self.plan = plan
+        self.out_bounds = out_bounds
+        self.out_shapes = out_shapes
         self.inputs_like = inputs_like  # in the layouts the stage was traced with
-        self.out_bounds = stage.meta[RING_BOUNDS]
-        self.out_shapes = stage.meta[RING_SHAPES]
-        self.linear = _float64_copy(stage, absolute=False)
+
+    @classmethod
+    def for_stage(
+        cls, stage: fx.GraphModule, inputs_like: list[torch.Tensor], name: str, target_bits: int
+    ) -> StageVerifier:
+        """Plan the checks of a ring GPU stage (at least `target_bits` of soundness) and trace its transpose."""
+        out_bounds, out_shapes = stage.meta[RING_BOUNDS], stage.meta[RING_SHAPES]
         cotangent_peak = _cotangent_peak(_float64_copy(stage, absolute=True), inputs_like)
-        trailing = math.floor(math.log2(2 * max(self.out_bounds)))
+        trailing = math.floor(math.log2(2 * max(out_bounds)))
         width = min(math.floor(math.log2(_EXACT / max(cotangent_peak, 1.0))) - 1, 64 - trailing, 62)
         if width < 1:
             raise ValueError(f"verify=True cannot check {name}: its cotangents exceed float64's exact range")
         reps = math.ceil(target_bits / width)
-        self.plan = CheckPlan(width, reps, reps * width)
+        transpose = transpose_graph(_float64_copy(stage, absolute=False), inputs_like, out_shapes)
+        return cls(name, transpose, CheckPlan(width, reps, reps * width), out_bounds, out_shapes, inputs_like)
 
     @property
     def nbytes_per_call(self) -> int:
@@ -75,11 +94,7 @@ class StageVerifier:
         checks = []
         for _ in range(self.plan.reps):
             ss = [rng.integers(tuple(c.shape)) & (2**self.plan.width - 1) for c in f0]
-            with torch.inference_mode(False), torch.enable_grad():
-                xs = _float64_inputs(self.inputs_like)
-                ys = self.linear(*xs)
-                us = torch.autograd.grad(ys, xs, [s.to(torch.float64) for s in ss], allow_unused=True)
-            us = [_to_int(u, x) for u, x in zip(us, self.inputs_like, strict=True)]
+            us = [u.to(torch.int64) for u in self.transpose(*[s.to(torch.float64) for s in ss])]
             sc = sum((s * c).sum() for s, c in zip(ss, f0, strict=True))
             checks.append((*ss, *us, torch.as_tensor(sc)))
         return checks
@@ -124,9 +139,19 @@ def _is_number(arg: object) -> bool:
     return isinstance(arg, int | float) and not isinstance(arg, bool)
 
 
-def _to_int(u: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """An exact float64 integer gradient as int64 (an input the outputs do not read: zeros)."""
-    return torch.zeros(like.shape, dtype=torch.int64) if u is None else u.to(torch.int64)
+def transpose_graph(
+    linear: fx.GraphModule, inputs_like: list[torch.Tensor], out_shapes: list[tuple[int, ...]]
+) -> fx.GraphModule:
+    """s -> Lᵀs of a float64 linear stage, as a graph of plain tensor ops (autograd's backward pass, traced)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def transpose(*ss: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with torch.enable_grad():
+            xs = _float64_inputs(inputs_like)
+            us = torch.autograd.grad(linear(*xs), xs, list(ss), allow_unused=True)
+        return tuple(torch.zeros_like(x) if u is None else u for u, x in zip(us, xs, strict=True))
+
+    return make_fx(transpose)(*[torch.zeros(tuple(shape), dtype=torch.float64) for shape in out_shapes])
 
 
 def _float64_inputs(inputs_like: list[torch.Tensor]) -> list[torch.Tensor]:

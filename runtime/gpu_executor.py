@@ -24,3 +24,11 @@ def _on_device(module: fx.GraphModule, device: torch.device) -> fx.GraphModule:
     if device.type == "cpu":
         return module
     return copy.deepcopy(module).to(device)
+
+
+class WorkerError(RuntimeError):
+    """A remote GPU worker failed a request; `retryable` when a new attempt may succeed (unreachable, too slow)."""
+
+    def __init__(self, message: str, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable

@@ -22,12 +22,12 @@ private parameter.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import operator
 import re
 from collections.abc import Callable
 from fnmatch import fnmatchcase
+from functools import reduce
 from pathlib import Path
 from typing import Any
 
@@ -35,26 +35,26 @@ import torch
 from torch import fx
 from torch.utils._pytree import tree_leaves
 
+from secure_split.enclave_runtime.integrity import CheckPlan, StageVerifier
 from secure_split.partitioner.stages import PartitionResult, StageSpec
 from secure_split.passes.insert_masks import Cut, mask, unmask
 from secure_split.passes.leak_audit import LeakError
 from secure_split.passes.meta import CUT, PARAM_NAMES, PRIVATE_PARAM, SIDE, STAGE, WEIGHTS
 from secure_split.passes.onnx_lower import portable
 from secure_split.passes.ring_lower import RING_BITS
+from secure_split.runtime.manifest import FORMAT, VERSION, BundleError, check_files, model_name, read_manifest, sha256
+from secure_split.runtime.remote import RemoteStage, WorkerClient
 
 from .config import SplitConfig
 from .onnx_stage import CPU, OnnxStage, gpu_providers
 from .program import SplitProgram
 
-FORMAT, VERSION, OPSET = "secure_split.bundle", 1, 18
+OPSET = 18
 RUNTIME_FIELDS = ("policy", "masking", "mask_scale", "remo_rank", "frac_bits", "activation_bound", "ring_kernel",
-                  "pool_empty")  # fmt: skip
+                  "pool_empty", "verify")  # fmt: skip
+LOAD_OPTIONS = ("pool_empty", "precompute", "verify", "gpu_timeout_s", "gpu_retries")
 EXTERNAL_DATA_BYTES = 1 << 20
 _SOURCE = re.compile(r"^L\['(?:args'\]\[(\d+)\]|kwargs'\]\['(\w+)'\]|(\w+)'\])$")
-
-
-class BundleError(ValueError):
-    """A bundle directory is refused: a file is missing or altered, or the manifest does not fit the schema."""
 
 
 def export_bundle(
@@ -93,8 +93,6 @@ def export_bundle(
             order = _output_order(model, program, bucket_args, bucket_kwargs)
             examples.append((program, order, f"b{batch}_t{seq}/" if buckets else ""))
     config = config or examples[0][0].config
-    if config.verify:
-        raise NotImplementedError("verify=True checks GPU stages by float64 autograd through torch: not in bundles")
     total = sum(len(p.partition.stages) for p, _, _ in examples)
     written: list[dict[str, Any]] = []
     for program, order, prefix in examples:
@@ -108,39 +106,60 @@ def export_bundle(
         "config": {name: getattr(examples[0][0].config, name) for name in RUNTIME_FIELDS},
         "buckets": written,
         "dynamic_axes": _dynamic_axes(written),
-        "files": {str(f.relative_to(root)): _sha256(f) for f in sorted(root.rglob("*")) if f.is_file()},
+        "files": {str(f.relative_to(root)): sha256(f) for f in sorted(root.rglob("*")) if f.is_file()},
     }
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return root
 
 
-def load_bundle(path: str | Path, providers: list[str] | None = None, seed: int | None = None) -> BundleSession:
-    """Check and open a bundle; GPU stages run on `providers` (default: CUDA when present, else the CPU).
+def load_bundle(
+    path: str | Path,
+    providers: list[str] | None = None,
+    seed: int | None = None,
+    gpu: str | None = None,
+    **options: Any,
+) -> BundleSession:
+    """Check and open a bundle; GPU stages run on `providers` (default: CUDA when present, else the CPU), or on
+    the GPU worker at `gpu` ("grpc://HOST:PORT": `secure-split gpu-worker`, or Triton serving the stages).
 
-    `seed` makes the enclave's mask stream reproducible (tests, benchmarks); None draws a fresh key."""
+    `seed` makes the enclave's mask stream reproducible (tests, benchmarks); None draws a fresh key.
+    `options` are the SplitConfig fields a loader may choose (LOAD_OPTIONS, e.g. gpu_timeout_s=5); the rest
+    were fixed at export."""
     root = Path(path)
-    manifest = _read_manifest(root)
-    _check_files(root, manifest["files"])
-    config = SplitConfig(**manifest["config"], seed=seed, device="cpu")
-    gpu = gpu_providers(providers)
+    manifest = read_manifest(root)
+    check_files(root, manifest["files"])
+    unknown = sorted(set(options) - set(LOAD_OPTIONS))
+    if unknown:
+        raise TypeError(f"load_bundle: {unknown} cannot be chosen at load time; options are {list(LOAD_OPTIONS)}")
+    config = SplitConfig(**{**manifest["config"], **options}, seed=seed, device="cpu")
+    worker = WorkerClient(gpu, config.gpu_timeout_s) if gpu is not None else None
+    gpu_side = [gpu] if gpu is not None else gpu_providers(providers)
     programs = []
     for bucket in manifest["buckets"]:
-        boundary, specs, on_gpu = _rebuild(root, bucket, manifest["files"], gpu)
-        for stage in on_gpu.values():  # open the GPU sessions now: a provider that cannot serve them fails here
-            stage.open()
+        boundary, specs, on_gpu = _rebuild(root, bucket, manifest["files"], gpu_side, worker)
         partition = PartitionResult(fx.GraphModule(torch.nn.Module(), fx.Graph()), boundary, specs)
         sources = [entry["source"] for entry in bucket["inputs"]]
-        programs.append(SplitProgram(partition, config, sources, bucket["token_inputs"], gpu_modules=on_gpu))
-    return BundleSession(programs, manifest, gpu)
+        checks = _verifiers(root, bucket, manifest["files"], boundary) if config.verify else None
+        programs.append(SplitProgram(partition, config, sources, bucket["token_inputs"], on_gpu, checks))
+    return BundleSession(programs, manifest, gpu_side, worker)
 
 
 class BundleSession:
     """A loaded bundle, called like the model (same positional and keyword tensors); returns its output tensors."""
 
-    def __init__(self, programs: list[SplitProgram], manifest: dict[str, Any], gpu_providers: list[str]) -> None:
+    def __init__(
+        self,
+        programs: list[SplitProgram],
+        manifest: dict[str, Any],
+        gpu_providers: list[str],
+        worker: WorkerClient | None = None,
+    ) -> None:
+        """`gpu_providers`: where GPU stages run (onnxruntime providers, or the worker's address); `worker`:
+        the connection to a remote GPU worker, with its byte counts."""
         self.programs = programs
         self.manifest = manifest
         self.gpu_providers = gpu_providers
+        self.worker = worker
 
     @property
     def program(self) -> SplitProgram:
@@ -269,10 +288,26 @@ def _export_stage(
     outputs = [f"out{i}" for i in range(len(spec.outputs))]
     _write_onnx(portable(module), tuple(_example(a) for a in call.args), names, outputs, root / relative)
     bits = module.meta.get(RING_BITS) if hasattr(module, "meta") else None
-    return {"index": spec.index, "side": spec.side, "name": spec.module_name, "file": relative,
-            "inputs": list(spec.inputs), "outputs": list(spec.outputs), "onnx_inputs": names,
-            "ring_bits": bits, "parameters": held,
-            "num_nodes": spec.num_nodes, "flops": spec.flops}  # fmt: skip
+    entry = {"index": spec.index, "side": spec.side, "name": spec.module_name, "file": relative,
+             "inputs": list(spec.inputs), "outputs": list(spec.outputs), "onnx_inputs": names,
+             "ring_bits": bits, "parameters": held,
+             "num_nodes": spec.num_nodes, "flops": spec.flops}  # fmt: skip
+    if call.name in program.verifiers:
+        check = f"{prefix}enclave/{spec.module_name}_check.onnx"
+        entry["check"] = _export_check(program.verifiers[call.name], root, check)
+    return entry
+
+
+def _export_check(verifier: StageVerifier, root: Path, relative: str) -> dict[str, Any]:
+    """A GPU stage's verification: its transpose s -> Lᵀs as an enclave file (it holds the stage's public
+    weights, in float64), and the plan. The check vectors themselves are drawn at run time, in the enclave."""
+    shapes = [tuple(s) for s in verifier.out_shapes]
+    example = tuple(torch.zeros(s, dtype=torch.float64) for s in shapes)
+    names = [f"s{i}" for i in range(len(shapes))]
+    outputs = [f"u{i}" for i in range(len(verifier.inputs_like))]
+    _write_onnx(verifier.transpose, example, names, outputs, root / relative)
+    return {"file": relative, "inputs": names, "width": verifier.plan.width, "reps": verifier.plan.reps,
+            "out_bounds": [int(b) for b in verifier.out_bounds], "out_shapes": [list(s) for s in shapes]}  # fmt: skip
 
 
 def _write_onnx(module: fx.GraphModule, example: tuple, inputs: list[str], outputs: list[str], path: Path) -> None:
@@ -285,8 +320,13 @@ def _write_onnx(module: fx.GraphModule, example: tuple, inputs: list[str], outpu
             module, example, dynamo=True, input_names=inputs, output_names=outputs, opset_version=OPSET,
             optimize=False, verbose=False,
         )  # fmt: skip
-    weights = sum(t.numel() * t.element_size() for t in module.buffers())
-    onnx_program.save(str(path), external_data=weights > EXTERNAL_DATA_BYTES)
+    onnx_program.save(str(path), external_data=_constant_bytes(module) > EXTERNAL_DATA_BYTES)
+
+
+def _constant_bytes(module: fx.GraphModule) -> int:
+    """The bytes of the tensors a graph reads (its weights, whether buffers or traced constants)."""
+    values = [reduce(getattr, str(n.target).split("."), module) for n in module.graph.nodes if n.op == "get_attr"]
+    return sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
 
 
 def _example(arg: fx.Node) -> torch.Tensor:
@@ -380,49 +420,16 @@ def _argument_name(source: str) -> str:
     return f"args[{position}]" if position is not None else keyword or plain
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 # -- load --------------------------------------------------------------------------------------------------
 
 
-def _read_manifest(root: Path) -> dict[str, Any]:
-    path = root / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise BundleError(f"{path}: not a readable manifest ({error})") from error
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise BundleError(f"{path}: not a {FORMAT} manifest of version {VERSION}")
-    required = ("producer", "config", "buckets", "dynamic_axes", "files")
-    missing = [k for k in required if k not in manifest]
-    if missing:
-        raise BundleError(f"{path}: manifest lacks {missing}")
-    return manifest
-
-
-def _check_files(root: Path, files: dict[str, str]) -> None:
-    for relative, digest in files.items():
-        path = root / relative
-        if not path.is_file():
-            raise BundleError(f"{path}: listed in the manifest but missing")
-        if _sha256(path) != digest:
-            raise BundleError(f"{path}: sha256 does not match the manifest (altered file)")
-    extra = [f for f in root.rglob("*") if f.is_file() and f.name != "manifest.json" and
-             str(f.relative_to(root)) not in files]  # fmt: skip
-    if extra:
-        raise BundleError(f"{extra[0]}: not listed in the manifest")
-
-
 def _rebuild(
-    root: Path, bucket: dict[str, Any], digests: dict[str, str], gpu: list[str]
-) -> tuple[fx.GraphModule, list[StageSpec], dict[str, OnnxStage]]:
-    """The boundary graph, calling one OnnxStage per stage file (CPU copies for the enclave's own use)."""
+    root: Path, bucket: dict[str, Any], digests: dict[str, str], gpu: list[str], worker: WorkerClient | None
+) -> tuple[fx.GraphModule, list[StageSpec], dict[str, torch.nn.Module]]:
+    """The boundary graph, calling one OnnxStage per stage file (CPU copies for the enclave's own use), and
+    what the GPU runs: sessions on its providers, opened now (a provider that cannot serve them fails here),
+    or the worker's stages."""
     holder, graph = torch.nn.Module(), fx.Graph()
     env: dict[str, fx.Node] = {}
     specs, on_gpu = [], {}
@@ -430,8 +437,11 @@ def _rebuild(
         digest, path = digests[stage["file"]], root / stage["file"]
         names, bits = stage["onnx_inputs"], stage["ring_bits"]
         holder.add_module(stage["name"], OnnxStage(path, [CPU], digest, names, bits))
-        if stage["side"] == "gpu":
+        if stage["side"] == "gpu" and worker is not None:
+            on_gpu[stage["name"]] = RemoteStage(worker, model_name(stage["file"]), names)
+        elif stage["side"] == "gpu":
             on_gpu[stage["name"]] = OnnxStage(path, gpu, digest, names, bits)
+            on_gpu[stage["name"]].open()
         specs.append(StageSpec(stage["index"], stage["side"], stage["name"], tuple(stage["inputs"]),
                                tuple(stage["outputs"]), stage["num_nodes"], stage["flops"]))  # fmt: skip
     for entry in bucket["boundary"]:
@@ -439,6 +449,27 @@ def _rebuild(
     values = bucket["outputs"]["values"]
     graph.output(tuple(env[v] for v in values))
     return fx.GraphModule(holder, graph, "SplitBoundary"), specs, on_gpu
+
+
+def _verifiers(
+    root: Path, bucket: dict[str, Any], digests: dict[str, str], boundary: fx.GraphModule
+) -> dict[str, StageVerifier]:
+    """The checks of every GPU stage call (verify=True), from the transposes and plans the export wrote."""
+    calls = {str(n.target): n for n in boundary.graph.nodes if n.op == "call_module"}
+    verifiers = {}
+    for stage in bucket["stages"]:
+        if stage["side"] != "gpu":
+            continue
+        check = stage.get("check")
+        if check is None:
+            raise BundleError(f"{stage['file']}: no verification file: export the bundle with SplitConfig(verify=True)")
+        call = calls[stage["name"]]
+        transpose = OnnxStage(root / check["file"], [CPU], digests[check["file"]], check["inputs"], None)
+        plan = CheckPlan(check["width"], check["reps"], check["width"] * check["reps"])
+        like = [a.meta[CUT].empty().zero_() for a in call.args]
+        shapes = [tuple(shape) for shape in check["out_shapes"]]
+        verifiers[call.name] = StageVerifier(stage["name"], transpose, plan, check["out_bounds"], shapes, like)
+    return verifiers
 
 
 def _decode_node(graph: fx.Graph, entry: dict[str, Any], env: dict[str, fx.Node]) -> fx.Node:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .cli_bundle import add_commands, run_bundle, run_export
+from .cli_worker import add_worker_command, run_worker
 
 if TYPE_CHECKING:
     import torch
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("--masking", default=None, help="SplitConfig.masking (default: each policy's own)")
     inspect.add_argument("--draw", metavar="DIR", type=Path, help="write DIR/<model>_<policy>.svg per policy")
     add_commands(sub, MODELS)
+    add_worker_command(sub)
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
@@ -51,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         run_export(args)
     elif args.command == "run":
         run_bundle(args)
+    elif args.command == "gpu-worker":
+        run_worker(args)
     else:
         run_inspect(args.model, [p.strip() for p in args.policies.split(",") if p.strip()], args.masking, args.draw)
     return 0

@@ -23,8 +23,11 @@ def add_commands(sub: Any, models: tuple[str, ...]) -> None:
     export.add_argument("--batch", type=int, default=2)
     export.add_argument("--seq", type=int, default=16)
     export.add_argument("--buckets", default=None, help="shapes the bundle serves, e.g. 1x32,4x128 (batch x seq)")
+    export.add_argument("--triton-repo", type=Path, default=None,
+                        help="also write the GPU stages as a Triton model repository here")  # fmt: skip
     run = sub.add_parser("run", help="run a bundle on sample input; compare with eager when the model is at hand")
     run.add_argument("bundle", type=Path)
+    run.add_argument("--gpu", default=None, help="run the GPU stages on this worker, grpc://HOST:PORT")
 
 
 def run_export(args: argparse.Namespace) -> None:
@@ -49,6 +52,11 @@ def run_export(args: argparse.Namespace) -> None:
     files = json.loads((root / "manifest.json").read_text())["files"]
     size = sum((root / f).stat().st_size for f in files)
     print(f"wrote {root}: {len(files)} files, {size / 1e6:.1f} MB, policy {args.policy}")
+    if args.triton_repo is not None:
+        from secure_split.runtime.triton import export_triton_repo
+
+        names = export_triton_repo(root, args.triton_repo)
+        print(f"wrote Triton model repository {args.triton_repo}: {len(names)} models ({', '.join(names)})")
 
 
 def run_bundle(args: argparse.Namespace) -> None:
@@ -56,7 +64,7 @@ def run_bundle(args: argparse.Namespace) -> None:
 
     import secure_split
 
-    session = secure_split.load_bundle(args.bundle)
+    session = secure_split.load_bundle(args.bundle, gpu=args.gpu)
     manifest = session.manifest
     about = manifest.get("model", {})
     model, inputs = _model_and_inputs(about, *_batch_and_seq(manifest)) if about else (None, _sample(manifest))

@@ -49,6 +49,10 @@ class SplitConfig:
     seed: None draws a fresh CSPRNG key; an int makes the mask stream reproducible (tests, benchmarks).
     private: parameter-name globs (e.g. "*lora_*") whose parameters never leave the enclave.
     min_gpu_flops: a GPU region with fewer FLOPs than this stays in the enclave (a round trip costs more).
+    gpu_timeout_s: the deadline of one request to a remote GPU worker (`load_bundle(..., gpu="grpc://...")`).
+    gpu_retries: how many times a call whose GPU worker was unreachable or too slow is run again, from the
+        start and with fresh masks (a value is never resent under a mask the worker has seen), before its
+        `WorkerError` is raised.
     """
 
     policy: str = "secureinfer"
@@ -66,6 +70,8 @@ class SplitConfig:
     seed: int | None = None
     private: tuple[str, ...] = field(default_factory=tuple)
     min_gpu_flops: int = 1
+    gpu_timeout_s: float = 30.0
+    gpu_retries: int = 2
 
     def __post_init__(self) -> None:
         _check_choice("policy", self.policy, POLICIES)
@@ -99,6 +105,10 @@ class SplitConfig:
             raise ValueError("masking='none' uses no masks: precompute and pool_empty='raise' do not apply")
         if self.verify and self.masking != "ring":
             raise ValueError(f"SplitConfig.verify=True needs masking='ring' (exact results), got {self.masking!r}")
+        if not (isinstance(self.gpu_timeout_s, int | float) and self.gpu_timeout_s > 0):
+            raise ValueError(f"SplitConfig.gpu_timeout_s must be a positive number, got {self.gpu_timeout_s!r}")
+        if not (isinstance(self.gpu_retries, int) and self.gpu_retries >= 0):
+            raise ValueError(f"SplitConfig.gpu_retries must be an int >= 0, got {self.gpu_retries!r}")
         if isinstance(self.cost, dict):
             object.__setattr__(self, "cost", Cost(**self.cost))
         if not isinstance(self.cost, Cost) or min(dataclasses.astuple(self.cost)) <= 0:

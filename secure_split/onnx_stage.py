@@ -8,18 +8,16 @@ from pathlib import Path
 import torch
 
 from secure_split.passes.ring_lower import RING_BITS
+from secure_split.runtime.onnx_session import CPU, CUDA, onnxruntime_gpu_providers, open_session
 
 log = logging.getLogger("secure_split")
-CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 
 
 def gpu_providers(requested: list[str] | None) -> list[str]:
     """The providers GPU stages ask for: `requested`, else CUDA when onnxruntime has it, else the CPU (logged)."""
-    import onnxruntime
-
     if requested:
         return list(requested)
-    if CUDA in onnxruntime.get_available_providers() and torch.cuda.is_available():
+    if onnxruntime_gpu_providers() == [CUDA] and torch.cuda.is_available():
         return [CUDA]
     log.info("secure_split: no CUDA execution provider (onnxruntime-gpu and a GPU); GPU stages run on the CPU")
     return [CPU]
@@ -45,7 +43,7 @@ class OnnxStage(torch.nn.Module):
     def open(self):
         """The onnxruntime session, opened on first use."""
         if self._session is None:
-            self._session = _open(self.path, self.providers)
+            self._session = open_session(self.path, self.providers)
         return self._session
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -53,23 +51,3 @@ class OnnxStage(torch.nn.Module):
         pairs = zip(self.input_names, inputs, strict=True)
         feeds = {name: x.detach().cpu().contiguous().numpy() for name, x in pairs if name in used}
         return tuple(torch.from_numpy(out) for out in self.open().run(None, feeds))
-
-
-def _open(path: Path, providers: list[str]):
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
-    # A bundle opens one session per stage and runs one at a time: threads that spin between runs (the
-    # default) would take the cores from the session that is running.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    if providers[0] != CPU:
-        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-    try:
-        session = onnxruntime.InferenceSession(str(path), options, providers=providers)
-    except Exception as error:  # onnxruntime raises its own types; name the file and the providers
-        raise RuntimeError(f"{path}: onnxruntime could not open it on {providers}: {error}") from error
-    if session.get_providers()[0] != providers[0]:
-        raise RuntimeError(f"{path}: asked for {providers[0]}, onnxruntime runs it on {session.get_providers()}")
-    return session

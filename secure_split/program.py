@@ -10,8 +10,11 @@ used by that call only and destroyed after it.
 from __future__ import annotations
 
 import hashlib
+import itertools
+import logging
 import math
 import operator
+import time
 import weakref
 from collections.abc import Callable
 from functools import cached_property
@@ -32,13 +35,14 @@ from secure_split.passes.label_cmif import token_inputs
 from secure_split.passes.meta import CUT, SIDE, WEIGHTS
 from secure_split.passes.ring_lower import RING_BITS
 from secure_split.runtime.channel import Channel
-from secure_split.runtime.gpu_executor import GpuExecutor
+from secure_split.runtime.gpu_executor import GpuExecutor, WorkerError
 
 from .config import SplitConfig
 from .remo import RemoKeys
 from .report import PartitionReport, build_report
 
 _last_run: weakref.ref[SplitProgram] | None = None
+log = logging.getLogger("secure_split")
 
 
 def last_program() -> SplitProgram:
@@ -63,10 +67,13 @@ class SplitProgram:
         input_names: list[str],
         token_inputs: list[int] | None = None,
         gpu_modules: dict[str, torch.nn.Module] | None = None,
+        verifiers: dict[str, StageVerifier] | None = None,
     ) -> None:
         """`token_inputs`: which flat inputs are token ids (cmif sanitizes them); None finds them in the graph.
         `gpu_modules`: what the GPU runs for each GPU stage, when not the stage modules themselves (a bundle's
-        sessions on the GPU's providers; the enclave keeps its own copies of public stages for unmask terms)."""
+        sessions on the GPU's providers, or a remote worker's; the enclave keeps its own copies of public stages
+        for unmask terms). `verifiers` (verify=True), per GPU stage call, when not made from the stages (a
+        bundle's)."""
         self.partition = partition
         self.config = config
         self.input_names = input_names  # where each graph input came from, e.g. "L['kwargs']['attention_mask']"
@@ -84,11 +91,12 @@ class SplitProgram:
         self.calls = 0
         self.pool_calls = 0  # calls whose keys came from the pool
         self.online_calls = 0  # calls whose keys were made on the spot
+        self.retries = 0  # attempts run again after a remote GPU worker failed them
         self._gpu_calls = [n for n in self.boundary.graph.nodes if n.op == "call_module" and n.meta[SIDE] == "gpu"]
         self._masked = [n for n in self.boundary.graph.nodes if n.target is mask and n.meta[CUT].masked]
         self._zero_outputs: dict[str, tuple[torch.Tensor, ...]] = {}
         self.remo = self._make_remo() if isinstance(self.masking, RemoMasking) else None
-        self.verifiers = self._make_verifiers() if config.verify else {}
+        self.verifiers = (verifiers or self._make_verifiers()) if config.verify else {}
         self.sanitizer: TokenSanitizer | None = IdentitySanitizer() if config.policy == "cmif" else None
         if token_inputs is None:
             token_inputs = _token_positions(partition) if config.policy == "cmif" else []
@@ -107,15 +115,26 @@ class SplitProgram:
         with torch.inference_mode():
             if self.sanitizer is not None:  # CMIF: tokens are sanitized before anything reads them
                 inputs = tuple(self._sanitized(i, x) for i, x in enumerate(inputs))
-            keys = self._keys_for_call()
-            try:
-                result = _BoundaryInterpreter(self, keys).run(*inputs)
-            finally:
-                if keys is not None:
-                    keys.destroy()
+            result = self._run_with_retries(inputs)
         self.calls += 1
         _last_run = weakref.ref(self)
         return result
+
+    def _run_with_retries(self, inputs: tuple[torch.Tensor, ...]) -> Any:
+        """One call; a retryable worker failure runs it again from the start with new keys (fresh masks)."""
+        for attempt in itertools.count():
+            keys = self._keys_for_call()
+            try:
+                return _BoundaryInterpreter(self, keys).run(*inputs)
+            except WorkerError as error:
+                if not error.retryable or attempt >= self.config.gpu_retries:
+                    raise
+                self.retries += 1
+                log.warning("secure_split: %s; running the call again with fresh masks", error)
+                time.sleep(min(0.05 * 2**attempt, 1.0))
+            finally:
+                if keys is not None:
+                    keys.destroy()
 
     def _sanitized(self, index: int, value: torch.Tensor) -> torch.Tensor:
         assert self.sanitizer is not None
@@ -231,7 +250,7 @@ class SplitProgram:
                 raise NotImplementedError(f"verify=True: {call.target} reads a public value at run time")
             like = [a.meta[CUT].empty().zero_() for a in call.args]
             stage = self.boundary.get_submodule(str(call.target))
-            verifiers[call.name] = StageVerifier(stage, like, str(call.target), target)
+            verifiers[call.name] = StageVerifier.for_stage(stage, like, str(call.target), target)
         return verifiers
 
     @property

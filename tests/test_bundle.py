@@ -42,7 +42,7 @@ def test_round_trip_equals_eager(name, policy, tmp_path):
         torch.testing.assert_close(got, want, **TOLERANCE[policy])
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy", ["secureinfer", "talaria"])  # cmif and auto: on the tiny models above
 def test_minilm_round_trip(policy, tmp_path):
     from secure_split.demo import SENTENCES, load_minilm
 

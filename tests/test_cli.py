@@ -137,11 +137,31 @@ def test_export_and_run_a_bundle_from_a_config(tmp_path, capsys):
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"model_type": "bert", "num_hidden_layers": 1, "hidden_size": 32,
                                   "intermediate_size": 64, "num_attention_heads": 2, "vocab_size": 100}))  # fmt: skip
-    bundle = tmp_path / "bundle"
-    assert main(["export", "--config", str(config), "--out", str(bundle), "--seq", "8"]) == 0
+    bundle, repo = tmp_path / "bundle", tmp_path / "triton"
+    command = ["export", "--config", str(config), "--out", str(bundle), "--seq", "8", "--triton-repo", str(repo)]
+    assert main(command) == 0
     assert f"wrote {bundle}:" in capsys.readouterr().out
+    _check_triton_repository(bundle, repo)
     assert main(["run", str(bundle)]) == 0
     out = capsys.readouterr().out
     assert "input_ids (2, 8), attention_mask (2, 8)" in out
     errors = [float(e) for e in re.findall(r"max \|bundle - eager\| = (\S+)", out)]
     assert len(errors) == 2 and max(errors) < 5e-4  # last_hidden_state and pooler_output, ring masking
+
+
+def _check_triton_repository(bundle, repo):
+    """One model per GPU stage, the stage file itself, and a config.pbtxt declaring its inputs and outputs."""
+    import onnxruntime
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    gpu = [s for s in manifest["buckets"][0]["stages"] if s["side"] == "gpu"]
+    assert sorted(p.name for p in repo.iterdir()) == sorted(s["name"] for s in gpu)
+    for stage in gpu:
+        model = repo / stage["name"] / "1" / "model.onnx"
+        assert model.read_bytes() == (bundle / stage["file"]).read_bytes()
+        config = (repo / stage["name"] / "config.pbtxt").read_text()
+        assert f'name: "{stage["name"]}"' in config and 'backend: "onnxruntime"' in config
+        session = onnxruntime.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        declared = re.findall(r'name: "(\w+)" data_type: TYPE_INT64 dims: \[ ([\d, ]+) \]', config)
+        actual = [(v.name, ", ".join(map(str, v.shape))) for v in [*session.get_inputs(), *session.get_outputs()]]
+        assert declared == actual
