@@ -34,7 +34,7 @@ class StageModel:
 
     def __init__(self, name: str, path: Path, providers: list[str]) -> None:
         self.name = name
-        self.session = open_session(path, providers, spin=True)
+        self.session = open_session(path, providers)
         self.inputs = [(i.name, kserve.ONNX_TYPES[i.type], list(i.shape)) for i in self.session.get_inputs()]
         self.outputs = [(o.name, kserve.ONNX_TYPES[o.type], list(o.shape)) for o in self.session.get_outputs()]
 
