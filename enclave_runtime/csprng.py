@@ -16,11 +16,13 @@ _TWO_PI = 2.0 * math.pi
 class CSPRNG:
     """AES-256-CTR keystream. `seed=None` draws the key from the OS; an int derives it (reproducible runs only).
 
-    The stream never rewinds: every draw is fresh bytes, so two draws never share a mask.
+    The stream never rewinds: every draw is fresh bytes, so two draws never share a mask. `domain` separates
+    streams derived from one seed (the sanitizer's noise must not repeat the masks' keystream).
     """
 
-    def __init__(self, seed: int | None = None) -> None:
-        key = os.urandom(32) if seed is None else hashlib.sha256(b"secure_split/csprng/" + str(seed).encode()).digest()
+    def __init__(self, seed: int | None = None, domain: str = "csprng") -> None:
+        label = f"secure_split/{domain}/{seed}".encode()
+        key = os.urandom(32) if seed is None else hashlib.sha256(label).digest()
         self._stream = Cipher(algorithms.AES(key), modes.CTR(b"\x00" * 16)).encryptor()
         self.bytes_drawn = 0
 
@@ -33,8 +35,12 @@ class CSPRNG:
         words = np.frombuffer(self.random_bytes(8 * math.prod(shape)), dtype=np.int64)
         return torch.from_numpy(words.copy()).reshape(shape)
 
-    def uniform(self, n: int) -> torch.Tensor:
-        """n float32 values uniform in (0, 1], from 24 random bits each (float32's full precision)."""
+    def uniform(self, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """n values uniform in (0, 1], with the dtype's full precision: 24 random bits each for float32, 53 for
+        float64."""
+        if dtype == torch.float64:
+            words = np.frombuffer(self.random_bytes(8 * n), dtype=np.uint64) >> np.uint64(11)
+            return (torch.from_numpy(words.astype(np.int64)).to(torch.float64) + 1.0) * 2.0**-53
         words = np.frombuffer(self.random_bytes(4 * n), dtype=np.uint32) >> np.uint32(8)
         return (torch.from_numpy(words.astype(np.int32)).to(torch.float32) + 1.0) * 2.0**-24
 

@@ -7,6 +7,8 @@ path may leave the enclave. `raw_token_nodes` finds those values; the leak audit
 
 from __future__ import annotations
 
+from functools import reduce
+
 import torch
 from torch import fx
 
@@ -25,6 +27,16 @@ def token_inputs(gm: fx.GraphModule) -> list[fx.Node]:
         if node.op == "placeholder" and any(_reaches_indices(node, e) for e in _embeddings(gm)):
             found.append(node)
     return found
+
+
+def token_embeddings(gm: fx.GraphModule) -> torch.Tensor:
+    """The embedding table the token ids index (what cmif's sanitizer draws replacements from)."""
+    tokens = token_inputs(gm)
+    for embedding in _embeddings(gm):
+        weight = embedding.args[0]
+        if any(_reaches_indices(t, embedding) for t in tokens) and weight.op == "get_attr":
+            return reduce(getattr, str(weight.target).split("."), gm)
+    raise NotImplementedError("cmif: no embedding table read by the token ids as a plain weight: cannot sanitize")
 
 
 def raw_token_nodes(gm: fx.GraphModule) -> set[fx.Node]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -23,6 +24,8 @@ def split(
     `report()`. It uses the same compiler as `torch.compile(backend="secure_split")`.
     """
     config = config or SplitConfig()
+    if config.policy == "cmif":
+        config = dataclasses.replace(config, special_token_ids=(*config.special_token_ids, *special_token_ids(model)))
     args = args if isinstance(args, tuple) else (args,)
     captured: list[SplitCompiledFunction] = []
 
@@ -38,3 +41,16 @@ def split(
     program = captured[-1].last_program
     program._entry = compiled
     return program
+
+
+SPECIAL_TOKENS = ("pad", "bos", "eos", "cls", "sep", "mask", "unk", "decoder_start")
+
+
+def special_token_ids(model: torch.nn.Module) -> list[int]:
+    """The special token ids a transformers model's config names (cmif never sanitizes them)."""
+    config = getattr(model, "config", None)
+    ids = []
+    for name in SPECIAL_TOKENS:
+        value = getattr(config, f"{name}_token_id", None)
+        ids.extend(value if isinstance(value, list) else [] if value is None else [value])
+    return [int(i) for i in ids]

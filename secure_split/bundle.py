@@ -6,6 +6,8 @@ A bundle directory holds:
     enclave/stage<N>_enclave.onnx  run by the enclave, on onnxruntime's CPU provider
     gpu/stage<N>_gpu.onnx          public weights only; run on the CUDA provider when present
     <file>.onnx.data               a stage's weights, when they exceed 1 MiB (ONNX external data)
+    enclave/stage<N>_gpu_check.onnx  verify=True: a GPU stage's transpose s -> Lᵀs, for the enclave's checks
+    enclave/token_embeddings.npy   cmif: the embedding table the token sanitizer draws replacements from
 
 manifest.json: `format` ("secure_split.bundle"), `version` (1), `producer` (secure_split, torch, onnx versions and
 the opset), `model` (where the model came from, if the exporter said), `config` (the SplitConfig fields the
@@ -23,6 +25,7 @@ private parameter.
 from __future__ import annotations
 
 import json
+import math
 import operator
 import re
 from collections.abc import Callable
@@ -31,13 +34,16 @@ from functools import reduce
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import fx
 from torch.utils._pytree import tree_leaves
 
 from secure_split.enclave_runtime.integrity import CheckPlan, StageVerifier
+from secure_split.enclave_runtime.sanitizer import Sanitizer
 from secure_split.partitioner.stages import PartitionResult, StageSpec
 from secure_split.passes.insert_masks import Cut, mask, unmask
+from secure_split.passes.label_cmif import token_embeddings
 from secure_split.passes.leak_audit import LeakError
 from secure_split.passes.meta import CUT, PARAM_NAMES, PRIVATE_PARAM, SIDE, STAGE, WEIGHTS
 from secure_split.passes.onnx_lower import portable
@@ -51,8 +57,9 @@ from .program import SplitProgram
 
 OPSET = 18
 RUNTIME_FIELDS = ("policy", "masking", "mask_scale", "remo_rank", "frac_bits", "activation_bound", "ring_kernel",
-                  "pool_empty", "verify")  # fmt: skip
-LOAD_OPTIONS = ("pool_empty", "precompute", "verify", "gpu_timeout_s", "gpu_retries")
+                  "pool_empty", "verify", "epsilon", "sanitizer", "sanitizer_k", "special_token_ids")  # fmt: skip
+LOAD_OPTIONS = ("pool_empty", "precompute", "verify", "epsilon", "gpu_timeout_s", "gpu_retries")
+TOKEN_EMBEDDINGS = "enclave/token_embeddings.npy"
 EXTERNAL_DATA_BYTES = 1 << 20
 _SOURCE = re.compile(r"^L\['(?:args'\]\[(\d+)\]|kwargs'\]\['(\w+)'\]|(\w+)'\])$")
 
@@ -98,6 +105,8 @@ def export_bundle(
     for program, order, prefix in examples:
         done = sum(len(bucket["stages"]) for bucket in written)
         written.append(_export_program(program, order, root, prefix, config.private, progress, done, total))
+    if config.policy == "cmif":  # the enclave's sanitizer draws replacement tokens from the embedding table
+        np.save(root / TOKEN_EMBEDDINGS, token_embeddings(examples[0][0].partition.labelled).detach().numpy())
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -134,13 +143,14 @@ def load_bundle(
     config = SplitConfig(**{**manifest["config"], **options}, seed=seed, device="cpu")
     worker = WorkerClient(gpu, config.gpu_timeout_s) if gpu is not None else None
     gpu_side = [gpu] if gpu is not None else gpu_providers(providers)
+    sanitizer = _sanitizer(root, config)
     programs = []
     for bucket in manifest["buckets"]:
         boundary, specs, on_gpu = _rebuild(root, bucket, manifest["files"], gpu_side, worker)
         partition = PartitionResult(fx.GraphModule(torch.nn.Module(), fx.Graph()), boundary, specs)
         sources = [entry["source"] for entry in bucket["inputs"]]
         checks = _verifiers(root, bucket, manifest["files"], boundary) if config.verify else None
-        programs.append(SplitProgram(partition, config, sources, bucket["token_inputs"], on_gpu, checks))
+        programs.append(SplitProgram(partition, config, sources, bucket["token_inputs"], on_gpu, checks, sanitizer))
     return BundleSession(programs, manifest, gpu_side, worker)
 
 
@@ -449,6 +459,15 @@ def _rebuild(
     values = bucket["outputs"]["values"]
     graph.output(tuple(env[v] for v in values))
     return fx.GraphModule(holder, graph, "SplitBoundary"), specs, on_gpu
+
+
+def _sanitizer(root: Path, config: SplitConfig) -> Sanitizer | None:
+    """cmif with a finite ε: the sanitizer over the exported embedding table (one for every bucket)."""
+    if config.policy != "cmif" or math.isinf(config.epsilon):
+        return None
+    table = torch.from_numpy(np.load(root / TOKEN_EMBEDDINGS))
+    return Sanitizer(config.sanitizer, config.epsilon, table, config.sanitizer_k, config.seed,
+                     config.special_token_ids)  # fmt: skip
 
 
 def _verifiers(

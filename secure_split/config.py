@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from secure_split.enclave_runtime.sanitizer import MECHANISMS as SANITIZERS
 from secure_split.partitioner.min_cut import Cost
 from secure_split.runtime.ring_kernels import KERNELS as RING_KERNELS
 
@@ -49,6 +51,13 @@ class SplitConfig:
     seed: None draws a fresh CSPRNG key; an int makes the mask stream reproducible (tests, benchmarks).
     private: parameter-name globs (e.g. "*lora_*") whose parameters never leave the enclave.
     min_gpu_flops: a GPU region with fewer FLOPs than this stays in the enclave (a round trip costs more).
+    epsilon: cmif: the token sanitizer's ε per token (math.inf, the default: tokens are not sanitized, and the
+        report warns).
+    sanitizer: cmif: the mechanism, "rnm" (CMIF's Report-Noisy-Max), "santext+" or "custext+"
+        (`enclave_runtime.sanitizer` states each one's guarantee).
+    sanitizer_k: cmif: candidates per token (rnm), cluster size (custext+).
+    special_token_ids: token ids the sanitizer never replaces nor produces; `split()` adds the model config's
+        (pad, bos, eos, cls, sep, mask, unk).
     gpu_timeout_s: the deadline of one request to a remote GPU worker (`load_bundle(..., gpu="grpc://...")`).
     gpu_retries: how many times a call whose GPU worker was unreachable or too slow is run again, from the
         start and with fresh masks (a value is never resent under a mask the worker has seen), before its
@@ -70,6 +79,10 @@ class SplitConfig:
     seed: int | None = None
     private: tuple[str, ...] = field(default_factory=tuple)
     min_gpu_flops: int = 1
+    epsilon: float = math.inf
+    sanitizer: str = "rnm"
+    sanitizer_k: int = 20
+    special_token_ids: tuple[int, ...] = field(default_factory=tuple)
     gpu_timeout_s: float = 30.0
     gpu_retries: int = 2
 
@@ -105,6 +118,14 @@ class SplitConfig:
             raise ValueError("masking='none' uses no masks: precompute and pool_empty='raise' do not apply")
         if self.verify and self.masking != "ring":
             raise ValueError(f"SplitConfig.verify=True needs masking='ring' (exact results), got {self.masking!r}")
+        if not (isinstance(self.epsilon, int | float) and self.epsilon > 0):
+            raise ValueError(f"SplitConfig.epsilon must be a positive number (inf: no noise), got {self.epsilon!r}")
+        if self.policy != "cmif" and math.isfinite(self.epsilon):
+            raise ValueError(f"SplitConfig.epsilon sets cmif's token sanitizer; policy {self.policy!r} has none")
+        _check_choice("sanitizer", self.sanitizer, SANITIZERS)
+        if not (isinstance(self.sanitizer_k, int) and self.sanitizer_k >= 1):
+            raise ValueError(f"SplitConfig.sanitizer_k must be an int >= 1, got {self.sanitizer_k!r}")
+        object.__setattr__(self, "special_token_ids", tuple(sorted({int(i) for i in self.special_token_ids})))
         if not (isinstance(self.gpu_timeout_s, int | float) and self.gpu_timeout_s > 0):
             raise ValueError(f"SplitConfig.gpu_timeout_s must be a positive number, got {self.gpu_timeout_s!r}")
         if not (isinstance(self.gpu_retries, int) and self.gpu_retries >= 0):

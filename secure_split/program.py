@@ -28,10 +28,10 @@ from secure_split.enclave_runtime.csprng import CSPRNG
 from secure_split.enclave_runtime.integrity import CALL_SOUNDNESS_BITS, StageVerifier
 from secure_split.enclave_runtime.masking import MaskingScheme, RemoMasking, hide, make_masking, reveal
 from secure_split.enclave_runtime.pool import CallKeys, KeyPool
-from secure_split.enclave_runtime.sanitizer import IdentitySanitizer, TokenSanitizer
+from secure_split.enclave_runtime.sanitizer import IdentitySanitizer, Sanitizer, TokenSanitizer
 from secure_split.partitioner.stages import PartitionResult, StageSpec
 from secure_split.passes.insert_masks import Cut, cuts, mask, unmask
-from secure_split.passes.label_cmif import token_inputs
+from secure_split.passes.label_cmif import token_embeddings, token_inputs
 from secure_split.passes.meta import CUT, SIDE, WEIGHTS
 from secure_split.passes.ring_lower import RING_BITS
 from secure_split.runtime.channel import Channel
@@ -68,12 +68,13 @@ class SplitProgram:
         token_inputs: list[int] | None = None,
         gpu_modules: dict[str, torch.nn.Module] | None = None,
         verifiers: dict[str, StageVerifier] | None = None,
+        sanitizer: TokenSanitizer | None = None,
     ) -> None:
         """`token_inputs`: which flat inputs are token ids (cmif sanitizes them); None finds them in the graph.
         `gpu_modules`: what the GPU runs for each GPU stage, when not the stage modules themselves (a bundle's
         sessions on the GPU's providers, or a remote worker's; the enclave keeps its own copies of public stages
-        for unmask terms). `verifiers` (verify=True), per GPU stage call, when not made from the stages (a
-        bundle's)."""
+        for unmask terms). `verifiers` (verify=True), per GPU stage call, and `sanitizer` (cmif), when not made
+        from the graph (a bundle's)."""
         self.partition = partition
         self.config = config
         self.input_names = input_names  # where each graph input came from, e.g. "L['kwargs']['attention_mask']"
@@ -97,7 +98,7 @@ class SplitProgram:
         self._zero_outputs: dict[str, tuple[torch.Tensor, ...]] = {}
         self.remo = self._make_remo() if isinstance(self.masking, RemoMasking) else None
         self.verifiers = (verifiers or self._make_verifiers()) if config.verify else {}
-        self.sanitizer: TokenSanitizer | None = IdentitySanitizer() if config.policy == "cmif" else None
+        self.sanitizer = sanitizer or (self._make_sanitizer() if config.policy == "cmif" else None)
         if token_inputs is None:
             token_inputs = _token_positions(partition) if config.policy == "cmif" else []
         self.token_inputs = token_inputs
@@ -220,6 +221,15 @@ class SplitProgram:
             self.online_calls += 1
         self.pool.mark_used(keys)
         return keys
+
+    def _make_sanitizer(self) -> TokenSanitizer:
+        """cmif's token sanitizer over the model's embedding table (ε = ∞: none, and the report warns)."""
+        config = self.config
+        if math.isinf(config.epsilon):
+            return IdentitySanitizer()
+        table = token_embeddings(self.partition.labelled)
+        return Sanitizer(config.sanitizer, config.epsilon, table, config.sanitizer_k, config.seed,
+                         config.special_token_ids)  # fmt: skip
 
     def _make_remo(self) -> RemoKeys:
         assert isinstance(self.masking, RemoMasking)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from copy import deepcopy
 from dataclasses import dataclass, field, fields
@@ -45,6 +46,10 @@ class PartitionReport:
     pool_bytes_per_call: int  # masks + unmask terms of one call
     verify_error_bits: float | None  # a wrong GPU answer passes a call's checks with probability ≤ 2^-this
     remo_unmasked_share: float | None  # remo: share of the coordinates sent that cross unmasked (rank < width)
+    sanitizer: str | None = None  # cmif: the token sanitizer's mechanism
+    epsilon: float | None = None  # cmif: its ε per token (inf: tokens are not sanitized)
+    tokens_replaced: int | None = None  # cmif: tokens the sanitizer changed so far, of
+    tokens_sanitized: int | None = None  # cmif: the non-special tokens it has seen
     cut_table: list[dict[str, Any]] = field(default_factory=list)
     graph: SplitGraph | None = field(default=None, repr=False, compare=False)  # for draw(); not serialised
 
@@ -72,6 +77,9 @@ class PartitionReport:
              else f"{self.remo_unmasked_share:.2%}"),
             ("integrity check (Freivalds)", "off" if self.verify_error_bits is None
              else f"on: a wrong answer passes with p <= 2^-{self.verify_error_bits:.1f} per call"),
+            ("token sanitizer (cmif)", "n/a" if self.sanitizer is None
+             else f"{self.sanitizer}, ε = {self.epsilon:g} per token; replaced {self.tokens_replaced:,} of "
+                  f"{self.tokens_sanitized:,} tokens so far"),
         ]  # fmt: skip
         width = max(len(k) for k, _ in rows)
         lines = ["secure_split partition report", "-" * (width + 40)]
@@ -81,6 +89,8 @@ class PartitionReport:
             lines += [f"  {n:4d}  {reason}" for reason, n in sorted(self.kept_in_enclave.items(), key=lambda x: -x[1])]
         if "none" in self.protection:
             lines.append("WARNING: masking='none': activations cross to the GPU in plaintext")
+        if self.epsilon is not None and math.isinf(self.epsilon):
+            lines.append("WARNING: cmif with epsilon=inf: tokens are not sanitized, their embeddings cross as they are")
         return "\n".join(lines)
 
 
@@ -115,6 +125,7 @@ def build_report(program: SplitProgram) -> PartitionReport:
         pool_size=len(program.pool),
         verify_error_bits=program.verify_error_bits,
         remo_unmasked_share=None if program.remo is None else program.remo.unmasked_share,
+        **_sanitizer_fields(program),
         pool_bytes_per_call=program.pool_bytes_per_call,
         cut_table=[
             {"index": c.index, "direction": c.direction, "stage": c.stage, "name": c.name,
@@ -124,3 +135,11 @@ def build_report(program: SplitProgram) -> PartitionReport:
         graph=extract_graph(program),
     )
 
+
+def _sanitizer_fields(program: SplitProgram) -> dict[str, Any]:
+    sanitizer = program.sanitizer
+    if sanitizer is None:
+        return {}
+    return {"sanitizer": sanitizer.mechanism, "epsilon": sanitizer.epsilon,
+            "tokens_replaced": getattr(sanitizer, "tokens_replaced", 0),
+            "tokens_sanitized": getattr(sanitizer, "tokens_seen", 0)}  # fmt: skip
