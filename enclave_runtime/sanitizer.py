@@ -102,6 +102,7 @@ class Sanitizer:
         self.special = _mask(vocabulary, special_ids)
         self.outputs = torch.nonzero(~self.special).flatten()  # the range of every mechanism
         self.unit = torch.nn.functional.normalize(self.table, dim=1)
+        self.output_unit, self.output_table = self.unit[self.outputs], self.table[self.outputs].double()
         self.kept = self.special | (_mask(vocabulary, stopword_ids) if mechanism == "custext+" else self.special)
         self.sensitive = _sensitive(frequencies, w, vocabulary) if mechanism == "santext+" else ~self.special
         custext = mechanism == "custext+"
@@ -156,17 +157,16 @@ class Sanitizer:
             return self._report_noisy_max(tokens)
         if self.mechanism == "santext+":
             return self._santext(tokens)
-        return torch.stack([self._custext(int(t)) for t in tokens])
+        return self._custext(tokens)
 
     def _report_noisy_max(self, tokens: torch.Tensor) -> torch.Tensor:
         scale = 2.0 / self.epsilon
-        pairs = [self._candidates(int(t)) for t in tokens]
-        ids = torch.nn.utils.rnn.pad_sequence([i for i, _ in pairs], batch_first=True, padding_value=-1)
-        scores = torch.nn.utils.rnn.pad_sequence([s for _, s in pairs], batch_first=True, padding_value=-math.inf)
-        noisy = scores + _laplace(self.rng, tuple(scores.shape), scale)
-        best, where = noisy.max(dim=1)
-        counts = torch.tensor([len(i) for i, _ in pairs])
-        floor_max = _laplace_max(self.rng, len(self.outputs) - counts, scale)
+        unique, inverse = torch.unique(tokens, return_inverse=True)
+        self._find_candidates([int(t) for t in unique if int(t) not in self._top])
+        ids = torch.stack([self._top[int(t)][0] for t in unique])[inverse]
+        scores = torch.stack([self._top[int(t)][1] for t in unique])[inverse]
+        best, where = (scores + _laplace(self.rng, tuple(scores.shape), scale)).max(dim=1)
+        floor_max = _laplace_max(self.rng, torch.full((len(tokens),), len(self.outputs) - ids.shape[1]), scale)
         winners = ids.gather(1, where[:, None]).flatten()
         floor = floor_max > best
         if floor.any():
@@ -186,11 +186,16 @@ class Sanitizer:
 
     def _candidates(self, token: int) -> tuple[torch.Tensor, torch.Tensor]:
         """rnm: the k output tokens most cosine-similar to `token`, and their scores (1 + cos) / 2."""
-        if token not in self._top:
-            similarity = self.unit[self.outputs] @ self.unit[token]
-            top = torch.topk(similarity, min(self.k, len(self.outputs)))
-            self._top[token] = (self.outputs[top.indices], (1.0 + top.values.to(torch.float64)) / 2.0)
+        self._find_candidates([token] if token not in self._top else [])
         return self._top[token]
+
+    def _find_candidates(self, tokens: list[int]) -> None:
+        """Compute and keep the candidates of `tokens`, in blocks (one product with the table per block)."""
+        for i in range(0, len(tokens), 1024):
+            block = tokens[i : i + 1024]
+            top = torch.topk(self.unit[block] @ self.output_unit.T, min(self.k, len(self.outputs)), dim=1)
+            for token, index, value in zip(block, top.indices, top.values, strict=True):
+                self._top[token] = (self.outputs[index], (1.0 + value.to(torch.float64)) / 2.0)
 
     def _santext(self, tokens: torch.Tensor) -> torch.Tensor:
         out = tokens.clone()
@@ -204,14 +209,22 @@ class Sanitizer:
         return out
 
     def _santext_probabilities(self, tokens: torch.Tensor) -> torch.Tensor:
-        distance = torch.cdist(self.table[tokens].double(), self.table[self.outputs].double())
+        distance = torch.cdist(self.table[tokens].double(), self.output_table)
         return torch.softmax(-0.5 * self.epsilon * distance, dim=1)
 
-    def _custext(self, token: int) -> torch.Tensor:
-        members, logits = self._custext_logits(token)
-        cdf = torch.softmax(logits, 0).cumsum(0)
-        u = self.rng.uniform(1, torch.float64) * cdf[-1]
-        return members[torch.searchsorted(cdf, u).clamp_(max=len(members) - 1)][0]
+    def _custext(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One draw per token from its cluster: the clusters' CDFs as rows (padded to k), searched row by row."""
+        unique, inverse = torch.unique(tokens, return_inverse=True)
+        members = torch.zeros(len(unique), self.k, dtype=torch.int64)
+        cdf = torch.full((len(unique), self.k), 2.0, dtype=torch.float64)  # padding is never reached
+        for row, token in enumerate(unique.tolist()):
+            ids, logits = self._custext_logits(token)
+            members[row, : len(ids)], members[row, len(ids) :] = ids, ids[-1]
+            cdf[row, : len(ids)] = torch.softmax(logits, 0).cumsum(0)
+            cdf[row, len(ids) - 1] = 1.0
+        u = self.rng.uniform(len(tokens), torch.float64)[:, None]
+        pick = torch.searchsorted(cdf[inverse], u).clamp_(max=self.k - 1)
+        return members[inverse].gather(1, pick).flatten()
 
     def _custext_logits(self, token: int) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.cluster_of is not None

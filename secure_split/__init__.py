@@ -25,6 +25,7 @@ _EXPORTS = {
     "SplitProgram": ".program",
     "last_program": ".program",
     "SplitGenerator": ".generation",
+    "Sanitizer": ".enclave_runtime.sanitizer",
     "WorkerError": ".runtime.gpu_executor",
     "export_bundle": ".bundle",
     "generate": ".generation",
