@@ -13,6 +13,9 @@ def test_seeded_streams_reproduce_and_unseeded_differ():
     assert CSPRNG(7).random_bytes(64) == CSPRNG(7).random_bytes(64)
     assert CSPRNG(7).random_bytes(64) != CSPRNG(8).random_bytes(64)
     assert CSPRNG().random_bytes(64) != CSPRNG().random_bytes(64)
+    # one seed, separate streams: the sanitizer's noise and the sampler never repeat the masks' keystream
+    streams = {CSPRNG(7, domain=d).random_bytes(64) for d in ("csprng", "sanitizer", "sampler")}
+    assert len(streams) == 3 and CSPRNG(7, domain="csprng").random_bytes(64) == CSPRNG(7).random_bytes(64)
 
 
 def test_draws_never_repeat():
