@@ -40,6 +40,7 @@ class WorkerClient:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.requests = 0
+        self.closed = False
         self._lock = threading.Lock()
 
     def metadata(self, model: str) -> Any:
@@ -61,9 +62,12 @@ class WorkerClient:
             raise WorkerError(f"GPU worker {self.url}: {model}: malformed answer: {error}", retryable=False) from error
 
     def close(self) -> None:
+        self.closed = True
         self._channel.close()
 
     def _call(self, method: str, model: str, request: Any) -> Any:
+        if self.closed:
+            raise WorkerError(f"GPU worker {self.url}: {method} {model}: the connection was closed", retryable=False)
         try:
             response = getattr(self._stub, method)(request, timeout=self.timeout_s)
         except grpc.RpcError as error:

@@ -171,6 +171,17 @@ class BundleSession:
         self.gpu_providers = gpu_providers
         self.worker = worker
 
+    def close(self) -> None:
+        """Close the connection to the GPU worker, if there is one."""
+        if self.worker is not None:
+            self.worker.close()
+
+    def __enter__(self) -> BundleSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @property
     def program(self) -> SplitProgram:
         """The split of the first bucket (the only one of a single-shape bundle): its pool, its counters."""

@@ -127,8 +127,11 @@ def test_a_malformed_request_gets_an_error_and_the_worker_keeps_serving(bert, wo
         with pytest.raises(grpc.RpcError) as raised:
             stub.ModelInfer(request, timeout=10)
         assert raised.value.code() == code, what
-    out = _session(bert, worker[0].url)(*bert[2], attention_mask=bert[3])
+    with _session(bert, worker[0].url) as session:
+        out = session(*bert[2], attention_mask=bert[3])
     torch.testing.assert_close(out[0], bert[4], **TOLERANCE)
+    with pytest.raises(WorkerError, match="the connection was closed"):
+        session(*bert[2], attention_mask=bert[3])
 
 
 def _request(model, name, datatype, shape, itemsize, short=0):
