@@ -103,7 +103,7 @@ class Sanitizer:
         self.outputs = torch.nonzero(~self.special).flatten()  # the range of every mechanism
         self.unit = torch.nn.functional.normalize(self.table, dim=1)
         self.output_unit, self.output_table = self.unit[self.outputs], self.table[self.outputs].double()
-        self.kept = self.special | (_mask(vocabulary, stopword_ids) if mechanism == "custext+" else self.special)
+        self.kept = self.special | _mask(vocabulary, stopword_ids if mechanism == "custext+" else ())
         self.sensitive = _sensitive(frequencies, w, vocabulary) if mechanism == "santext+" else ~self.special
         custext = mechanism == "custext+"
         self.cluster_of, self.clusters = _clusters(self.unit, self.outputs, k) if custext else (None, [])
@@ -166,9 +166,11 @@ class Sanitizer:
         ids = torch.stack([self._top[int(t)][0] for t in unique])[inverse]
         scores = torch.stack([self._top[int(t)][1] for t in unique])[inverse]
         best, where = (scores + _laplace(self.rng, tuple(scores.shape), scale)).max(dim=1)
-        floor_max = _laplace_max(self.rng, torch.full((len(tokens),), len(self.outputs) - ids.shape[1]), scale)
         winners = ids.gather(1, where[:, None]).flatten()
-        floor = floor_max > best
+        outside = len(self.outputs) - ids.shape[1]  # every token's candidates number min(k, range)
+        if outside == 0:
+            return winners
+        floor = _laplace_max(self.rng, len(tokens), outside, scale) > best
         if floor.any():
             winners[floor] = self._outside(ids[floor])
         return winners
@@ -275,15 +277,13 @@ def _laplace(rng: CSPRNG, shape: tuple[int, ...], scale: float) -> torch.Tensor:
     return torch.where(u < 0.5, scale * torch.log(2.0 * u), -scale * torch.log(2.0 - 2.0 * u))
 
 
-def _laplace_max(rng: CSPRNG, counts: torch.Tensor, scale: float) -> torch.Tensor:
-    """The maximum of `counts[i]` i.i.d. Laplace(0, scale) variables, one per row (-inf for a count of 0).
+def _laplace_max(rng: CSPRNG, n: int, m: int, scale: float) -> torch.Tensor:
+    """n draws of the maximum of m i.i.d. Laplace(0, scale) variables.
 
     P(max ≤ t) = F(t)^m, so max = F⁻¹(U^{1/m}); its upper tail q = 1 - U^{1/m} = -expm1(log U / m) keeps full
     precision when m is a whole vocabulary."""
-    u = rng.uniform(len(counts), torch.float64)
-    q = -torch.expm1(torch.log(u) / counts.clamp(min=1).to(torch.float64))
-    value = torch.where(q <= 0.5, -scale * torch.log(2.0 * q), scale * torch.log(2.0 - 2.0 * q))
-    return torch.where(counts > 0, value, torch.tensor(-math.inf, dtype=torch.float64))
+    q = -torch.expm1(torch.log(rng.uniform(n, torch.float64)) / m)
+    return torch.where(q <= 0.5, -scale * torch.log(2.0 * q), scale * torch.log(2.0 - 2.0 * q))
 
 
 def _uniform_index(rng: CSPRNG, n: int, size: int) -> torch.Tensor:

@@ -7,8 +7,6 @@ path may leave the enclave. `raw_token_nodes` finds those values; the leak audit
 
 from __future__ import annotations
 
-from functools import reduce
-
 import torch
 from torch import fx
 
@@ -35,7 +33,7 @@ def token_embeddings(gm: fx.GraphModule) -> torch.Tensor:
     for embedding in _embeddings(gm):
         weight = embedding.args[0]
         if any(_reaches_indices(t, embedding) for t in tokens) and weight.op == "get_attr":
-            return reduce(getattr, str(weight.target).split("."), gm)
+            return getattr(gm, str(weight.target))  # capture registers constants flat
     raise NotImplementedError("cmif: no embedding table read by the token ids as a plain weight: cannot sanitize")
 
 

@@ -30,7 +30,6 @@ import operator
 import re
 from collections.abc import Callable
 from fnmatch import fnmatchcase
-from functools import reduce
 from pathlib import Path
 from typing import Any
 
@@ -345,8 +344,8 @@ def _write_onnx(module: fx.GraphModule, example: tuple, inputs: list[str], outpu
 
 
 def _constant_bytes(module: fx.GraphModule) -> int:
-    """The bytes of the tensors a graph reads (its weights, whether buffers or traced constants)."""
-    values = [reduce(getattr, str(n.target).split("."), module) for n in module.graph.nodes if n.op == "get_attr"]
+    """The bytes of the tensors a graph reads (its weights, whether buffers or traced constants; all flat)."""
+    values = [getattr(module, str(n.target)) for n in module.graph.nodes if n.op == "get_attr"]
     return sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
 
 
