@@ -34,3 +34,9 @@ def onnxruntime_gpu_providers() -> list[str]:
     import onnxruntime
 
     return [CUDA] if CUDA in onnxruntime.get_available_providers() else [CPU]
+
+
+def numpy_feeds(names: list[str], inputs: tuple, used: set[str]) -> dict:
+    """A stage call's tensors as numpy feeds, by input name, for the inputs its ONNX file reads (the exporter
+    drops inputs nothing reads)."""
+    return {name: x.detach().cpu().contiguous().numpy() for name, x in zip(names, inputs, strict=True) if name in used}

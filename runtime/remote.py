@@ -17,6 +17,7 @@ import torch
 from . import kserve
 from .gpu_executor import WorkerError
 from .kserve import pb, services
+from .onnx_session import numpy_feeds
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
@@ -99,9 +100,7 @@ class RemoteStage(torch.nn.Module):
                               f"does not have: a different bundle?", retryable=False)  # fmt: skip
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        pairs = zip(self.input_names, inputs, strict=True)
-        feeds = {name: x.detach().cpu().contiguous().numpy() for name, x in pairs if name in self.used}
-        answer = self.client.infer(self.model, feeds)
+        answer = self.client.infer(self.model, numpy_feeds(self.input_names, inputs, self.used))
         results = []
         for name, kind, shape in self.outputs:
             value = answer.get(name)

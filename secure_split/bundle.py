@@ -25,7 +25,6 @@ private parameter.
 from __future__ import annotations
 
 import json
-import math
 import operator
 import re
 from collections.abc import Callable
@@ -39,7 +38,6 @@ from torch import fx
 from torch.utils._pytree import tree_leaves
 
 from secure_split.enclave_runtime.integrity import CheckPlan, StageVerifier
-from secure_split.enclave_runtime.sanitizer import Sanitizer
 from secure_split.partitioner.stages import PartitionResult, StageSpec
 from secure_split.passes.insert_masks import Cut, mask, unmask
 from secure_split.passes.label_cmif import token_embeddings
@@ -52,7 +50,7 @@ from secure_split.runtime.remote import RemoteStage, WorkerClient
 
 from .config import SplitConfig
 from .onnx_stage import CPU, OnnxStage, gpu_providers
-from .program import SplitProgram
+from .program import SplitProgram, make_sanitizer
 
 OPSET = 18
 RUNTIME_FIELDS = ("policy", "masking", "mask_scale", "remo_rank", "frac_bits", "activation_bound", "ring_kernel",
@@ -142,7 +140,8 @@ def load_bundle(
     config = SplitConfig(**{**manifest["config"], **options}, seed=seed, device="cpu")
     worker = WorkerClient(gpu, config.gpu_timeout_s) if gpu is not None else None
     gpu_side = [gpu] if gpu is not None else gpu_providers(providers)
-    sanitizer = _sanitizer(root, config)
+    table = root / TOKEN_EMBEDDINGS
+    sanitizer = make_sanitizer(config, lambda: torch.from_numpy(np.load(table))) if config.policy == "cmif" else None
     programs = []
     for bucket in manifest["buckets"]:
         boundary, specs, on_gpu = _rebuild(root, bucket, manifest["files"], gpu_side, worker)
@@ -469,15 +468,6 @@ def _rebuild(
     values = bucket["outputs"]["values"]
     graph.output(tuple(env[v] for v in values))
     return fx.GraphModule(holder, graph, "SplitBoundary"), specs, on_gpu
-
-
-def _sanitizer(root: Path, config: SplitConfig) -> Sanitizer | None:
-    """cmif with a finite ε: the sanitizer over the exported embedding table (one for every bucket)."""
-    if config.policy != "cmif" or math.isinf(config.epsilon):
-        return None
-    table = torch.from_numpy(np.load(root / TOKEN_EMBEDDINGS))
-    return Sanitizer(config.sanitizer, config.epsilon, table, config.sanitizer_k, config.seed,
-                     config.special_token_ids)  # fmt: skip
 
 
 def _verifiers(

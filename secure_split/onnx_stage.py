@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from secure_split.passes.ring_lower import RING_BITS
-from secure_split.runtime.onnx_session import CPU, CUDA, onnxruntime_gpu_providers, open_session
+from secure_split.runtime.onnx_session import CPU, CUDA, numpy_feeds, onnxruntime_gpu_providers, open_session
 
 log = logging.getLogger("secure_split")
 
@@ -47,7 +47,6 @@ class OnnxStage(torch.nn.Module):
         return self._session
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        used = {i.name for i in self.open().get_inputs()}  # the exporter drops inputs nothing reads
-        pairs = zip(self.input_names, inputs, strict=True)
-        feeds = {name: x.detach().cpu().contiguous().numpy() for name, x in pairs if name in used}
-        return tuple(torch.from_numpy(out) for out in self.open().run(None, feeds))
+        used = {i.name for i in self.open().get_inputs()}
+        outputs = self.open().run(None, numpy_feeds(self.input_names, inputs, used))
+        return tuple(torch.from_numpy(out) for out in outputs)

@@ -98,7 +98,9 @@ class SplitProgram:
         self._zero_outputs: dict[str, tuple[torch.Tensor, ...]] = {}
         self.remo = self._make_remo() if isinstance(self.masking, RemoMasking) else None
         self.verifiers = (verifiers or self._make_verifiers()) if config.verify else {}
-        self.sanitizer = sanitizer or (self._make_sanitizer() if config.policy == "cmif" else None)
+        if sanitizer is None and config.policy == "cmif":
+            sanitizer = make_sanitizer(config, lambda: token_embeddings(partition.labelled))
+        self.sanitizer = sanitizer
         if token_inputs is None:
             token_inputs = _token_positions(partition) if config.policy == "cmif" else []
         self.token_inputs = token_inputs
@@ -222,15 +224,6 @@ class SplitProgram:
         self.pool.mark_used(keys)
         return keys
 
-    def _make_sanitizer(self) -> TokenSanitizer:
-        """cmif's token sanitizer over the model's embedding table (ε = ∞: none, and the report warns)."""
-        config = self.config
-        if math.isinf(config.epsilon):
-            return IdentitySanitizer()
-        table = token_embeddings(self.partition.labelled)
-        return Sanitizer(config.sanitizer, config.epsilon, table, config.sanitizer_k, config.seed,
-                         config.special_token_ids)  # fmt: skip
-
     def _make_remo(self) -> RemoKeys:
         assert isinstance(self.masking, RemoMasking)
         for call in self._gpu_calls:
@@ -292,6 +285,14 @@ class SplitProgram:
         """The fractional bits of a GPU stage output (ring masking), else None."""
         bits = self.boundary.get_submodule(str(call.target)).meta.get(RING_BITS)
         return None if bits is None else bits[index]
+
+
+def make_sanitizer(config: SplitConfig, table: Callable[[], torch.Tensor]) -> TokenSanitizer:
+    """cmif's token sanitizer over the embedding table `table()` gives (ε = ∞: none, and the report warns)."""
+    if math.isinf(config.epsilon):
+        return IdentitySanitizer()
+    return Sanitizer(config.sanitizer, config.epsilon, table(), config.sanitizer_k, config.seed,
+                     config.special_token_ids)  # fmt: skip
 
 
 def _draw(masking: MaskingScheme, cut: Cut) -> torch.Tensor:
