@@ -5,6 +5,7 @@ them. Everything here is numpy: the worker needs neither torch nor the trusted r
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,9 @@ def decode(kind: str, shape: list[int] | tuple[int, ...], raw: bytes) -> np.ndar
     if any(d < 0 for d in shape):
         raise WireFormatError(f"negative dimension in shape {list(shape)}")
     dtype = np.dtype(DATATYPES[kind]).newbyteorder("<")
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: numpy's int64 product wraps round to a small count
     if len(raw) != expected:
         raise WireFormatError(f"{len(raw)} bytes for a {kind} tensor of shape {list(shape)} ({expected} expected)")
+    if math.prod(d for d in shape if d) * dtype.itemsize > MAX_MESSAGE_BYTES:  # numpy refuses so wide an empty array
+        raise WireFormatError(f"shape {list(shape)} is wider than a message can carry")
     return np.frombuffer(raw, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))

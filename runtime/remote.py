@@ -6,6 +6,7 @@ fresh masks when `retryable`). An answer that does not fit the stage's declared 
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 from urllib.parse import urlparse
@@ -18,25 +19,39 @@ from . import kserve
 from .gpu_executor import WorkerError
 from .kserve import pb, services
 from .onnx_session import numpy_feeds
+from .tls import TlsFiles, is_loopback
 
+log = logging.getLogger("secure_split.remote")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
+CLOSED_HINT = (" (a worker serving TLS closes the connection like this in the handshake with a plaintext client, "
+               "and under --client-ca with a client whose certificate that CA did not sign)")  # fmt: skip
 
 
-def parse_address(url: str) -> str:
-    """"grpc://HOST:PORT" -> "HOST:PORT"."""
+def open_channel(url: str, tls: TlsFiles | None) -> grpc.Channel:
+    """A channel to "grpcs://HOST:PORT" over TLS with `tls`, or to "grpc://HOST:PORT" in plaintext. TLS settings
+    with a plaintext address are refused rather than ignored, as is a grpcs:// address without them."""
     parsed = urlparse(url)
-    if parsed.scheme != "grpc" or not parsed.hostname or parsed.port is None or parsed.path not in ("", "/"):
-        raise ValueError(f"a GPU worker address is grpc://HOST:PORT, got {url!r}")
-    return f"{parsed.hostname}:{parsed.port}"
+    if parsed.scheme not in ("grpc", "grpcs") or not parsed.hostname or parsed.port is None or parsed.path.strip("/"):
+        raise ValueError(f"a GPU worker address is grpc://HOST:PORT or grpcs://HOST:PORT (TLS), got {url!r}")
+    address = f"{parsed.hostname}:{parsed.port}"
+    if parsed.scheme == "grpcs":
+        if tls is None:
+            raise ValueError(f"{url}: a grpcs:// worker needs tls=TlsFiles(ca=...), the CA that signed its certificate")
+        return grpc.secure_channel(address, tls.credentials(), options=kserve.CHANNEL_OPTIONS)
+    if tls is not None:
+        raise ValueError(f"{url}: TLS files were given for a plaintext grpc:// address; use grpcs://")
+    if not is_loopback(parsed.hostname):
+        log.warning("GPU worker %s: the link is not encrypted (use grpcs:// and TLS files)", url)
+    return grpc.insecure_channel(address, options=kserve.CHANNEL_OPTIONS)
 
 
 class WorkerClient:
     """A connection to one GPU worker (or Triton); counts the bytes of every message both ways."""
 
-    def __init__(self, url: str, timeout_s: float) -> None:
+    def __init__(self, url: str, timeout_s: float, tls: TlsFiles | None = None) -> None:
         self.url = url
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(parse_address(url), options=kserve.CHANNEL_OPTIONS)
+        self._channel = open_channel(url, tls)
         self._stub = services.GRPCInferenceServiceStub(self._channel)
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -72,9 +87,11 @@ class WorkerClient:
         try:
             response = getattr(self._stub, method)(request, timeout=self.timeout_s)
         except grpc.RpcError as error:
-            code = error.code()
+            code, details = error.code(), error.details() or ""
+            if code == grpc.StatusCode.UNAVAILABLE and "Socket closed" in details:
+                details += CLOSED_HINT  # the client's only sign of a handshake the worker refused
             raise WorkerError(
-                f"GPU worker {self.url}: {method} {model}: {code.name}: {error.details()}", code in RETRYABLE
+                f"GPU worker {self.url}: {method} {model}: {code.name}: {details}", code in RETRYABLE
             ) from error
         with self._lock:
             self.requests += 1

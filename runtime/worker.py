@@ -133,11 +133,15 @@ class GpuWorker(services.GRPCInferenceServiceServicer):
         np.savez(self.request_log / f"{serial:06d}_{model}.npz", **feeds)
 
 
-def serve(worker: GpuWorker, host: str, port: int, threads: int = 8) -> tuple[grpc.Server, int]:
-    """Start serving `worker` on host:port (0: any free port); returns the server and its port."""
+def serve(
+    worker: GpuWorker, host: str, port: int, threads: int = 8, tls: grpc.ServerCredentials | None = None
+) -> tuple[grpc.Server, int]:
+    """Start serving `worker` on host:port (0: any free port), over TLS with `tls` (`tls.server_credentials`);
+    returns the server and its port."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=kserve.CHANNEL_OPTIONS)
     services.add_GRPCInferenceServiceServicer_to_server(worker, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_insecure_port(address) if tls is None else server.add_secure_port(address, tls)
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
     server.start()
@@ -146,14 +150,15 @@ def serve(worker: GpuWorker, host: str, port: int, threads: int = 8) -> tuple[gr
 
 def start_process(bundle: str | Path, *options: str, command: list[str] | None = None) -> tuple[subprocess.Popen, str]:
     """Start `secure-split gpu-worker --bundle BUNDLE --port 0 OPTIONS` (or `command`, which prints the same
-    "serving grpc://HOST:PORT" line) in a new process; returns the process and its URL once it serves."""
+    "serving grpc://HOST:PORT" line, grpcs:// over TLS) in a new process; returns the process and its URL once it
+    serves."""
     if command is None:
         executable = str(Path(sys.executable).with_name("secure-split"))
         command = [executable, "gpu-worker", "--bundle", str(bundle), "--port", "0", *options]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert process.stdout is not None and process.stderr is not None
     line = process.stdout.readline()
-    match = re.search(r"serving (grpc://[\w.\-]+:\d+)", line)
+    match = re.search(r"serving (grpcs?://[\w.\-]+:\d+)", line)
     if match is None:
         process.kill()
         raise RuntimeError(f"the GPU worker did not start: {line.strip()!r} {process.stderr.read().strip()}")

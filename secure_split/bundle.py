@@ -47,6 +47,7 @@ from secure_split.passes.onnx_lower import portable
 from secure_split.passes.ring_lower import RING_BITS
 from secure_split.runtime.manifest import FORMAT, VERSION, BundleError, check_files, model_name, read_manifest, sha256
 from secure_split.runtime.remote import RemoteStage, WorkerClient
+from secure_split.runtime.tls import TlsFiles
 
 from .config import SplitConfig
 from .onnx_stage import CPU, OnnxStage, gpu_providers
@@ -123,10 +124,12 @@ def load_bundle(
     providers: list[str] | None = None,
     seed: int | None = None,
     gpu: str | None = None,
+    tls: TlsFiles | None = None,
     **options: Any,
 ) -> BundleSession:
     """Check and open a bundle; GPU stages run on `providers` (default: CUDA when present, else the CPU), or on
-    the GPU worker at `gpu` ("grpc://HOST:PORT": `secure-split gpu-worker`, or Triton serving the stages).
+    the GPU worker at `gpu` ("grpc://HOST:PORT": `secure-split gpu-worker`, or Triton serving the stages;
+    "grpcs://HOST:PORT" over TLS, with `tls` naming the worker's CA and, for mutual TLS, this client's cert and key).
 
     `seed` makes the enclave's mask stream reproducible (tests, benchmarks); None draws a fresh key.
     `options` are the SplitConfig fields a loader may choose (LOAD_OPTIONS, e.g. gpu_timeout_s=5); the rest
@@ -138,7 +141,7 @@ def load_bundle(
     if unknown:
         raise TypeError(f"load_bundle: {unknown} cannot be chosen at load time; options are {list(LOAD_OPTIONS)}")
     config = SplitConfig(**{**manifest["config"], **options}, seed=seed, device="cpu")
-    worker = WorkerClient(gpu, config.gpu_timeout_s) if gpu is not None else None
+    worker = WorkerClient(gpu, config.gpu_timeout_s, tls) if gpu is not None else None
     gpu_side = [gpu] if gpu is not None else gpu_providers(providers)
     table = root / TOKEN_EMBEDDINGS
     sanitizer = make_sanitizer(config, lambda: torch.from_numpy(np.load(table))) if config.policy == "cmif" else None

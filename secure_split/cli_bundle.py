@@ -6,7 +6,10 @@ import argparse
 import inspect
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from secure_split.runtime.tls import TlsFiles
 
 SEED = 0  # random-weight models are rebuilt from their config with this seed, so `run` can compare with eager
 
@@ -27,7 +30,10 @@ def add_commands(sub: Any, models: tuple[str, ...]) -> None:
                         help="also write the GPU stages as a Triton model repository here")  # fmt: skip
     run = sub.add_parser("run", help="run a bundle on sample input; compare with eager when the model is at hand")
     run.add_argument("bundle", type=Path)
-    run.add_argument("--gpu", default=None, help="run the GPU stages on this worker, grpc://HOST:PORT")
+    run.add_argument("--gpu", default=None, help="run the GPU stages on this worker, grpc://HOST:PORT (TLS: grpcs://)")
+    run.add_argument("--tls-ca", type=Path, default=None, help="grpcs://: the CA that signed the worker's certificate")
+    run.add_argument("--tls-cert", type=Path, default=None, help="grpcs://: this client's certificate, for mutual TLS")
+    run.add_argument("--tls-key", type=Path, default=None, help="grpcs://: the private key of --tls-cert")
 
 
 def run_export(args: argparse.Namespace) -> None:
@@ -64,7 +70,7 @@ def run_bundle(args: argparse.Namespace) -> None:
 
     import secure_split
 
-    session = secure_split.load_bundle(args.bundle, gpu=args.gpu)
+    session = secure_split.load_bundle(args.bundle, gpu=args.gpu, tls=_client_tls(args))
     manifest = session.manifest
     about = manifest.get("model", {})
     model, inputs = _model_and_inputs(about, *_batch_and_seq(manifest)) if about else (None, _sample(manifest))
@@ -79,6 +85,17 @@ def run_bundle(args: argparse.Namespace) -> None:
         expected = [t for t in model(**inputs).to_tuple() if isinstance(t, torch.Tensor)]
     for i, (got, want) in enumerate(zip(out, expected, strict=True)):
         print(f"output {i}: max |bundle - eager| = {(got - want).abs().max().item():.3g}")
+
+
+def _client_tls(args: argparse.Namespace) -> TlsFiles | None:
+    """The TLS files --tls-ca, --tls-cert and --tls-key name (None without any)."""
+    from secure_split.runtime.tls import TlsFiles
+
+    if args.tls_ca is None:
+        if args.tls_cert is not None or args.tls_key is not None:
+            raise SystemExit("secure-split run: --tls-cert and --tls-key need --tls-ca")
+        return None
+    return TlsFiles(args.tls_ca, args.tls_cert, args.tls_key)
 
 
 def _about(args: argparse.Namespace) -> dict[str, Any]:

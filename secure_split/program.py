@@ -229,7 +229,7 @@ class SplitProgram:
         for call in self._gpu_calls:
             if not _all_masked(call):  # its linear part would depend on that input: no fixed R = L(Q)
                 raise NotImplementedError(f"masking='remo': {call.target} reads a public value at run time")
-        return RemoKeys(self.masking, self._masked, self._gpu_calls, self.gpu, self.channel)
+        return RemoKeys(self.masking, self._masked, self._gpu_calls, self.gpu, self.channel, self.boundary)
 
     def _make_keys(self) -> CallKeys:
         """Fresh masks for every masked cut of one call, and the unmask terms of every GPU stage call."""
