@@ -60,8 +60,11 @@ class SplitConfig:
         (pad, bos, eos, cls, sep, mask, unk).
     gpu_timeout_s: the deadline of one request to a remote GPU worker (`load_bundle(..., gpu="grpc://...")`).
     gpu_retries: how many times a call whose GPU worker was unreachable or too slow is run again, from the
-        start and with fresh masks (a value is never resent under a mask the worker has seen), before its
-        `WorkerError` is raised.
+        start and with fresh masks, before its `WorkerError` is raised. Only masks that a resend cannot weaken
+        allow it: ring's uniform one-time pads (a fresh pad reveals nothing) and "none" (the same value again).
+        Float and remo masks are Gaussian: each retry would hand the worker another noisy copy of the same
+        value to average, so they never retry and a number > 0 is an error. None (the default): 2 for ring and
+        none, 0 for float and remo.
     """
 
     policy: str = "secureinfer"
@@ -84,7 +87,7 @@ class SplitConfig:
     sanitizer_k: int = 20
     special_token_ids: tuple[int, ...] = field(default_factory=tuple)
     gpu_timeout_s: float = 30.0
-    gpu_retries: int = 2
+    gpu_retries: int | None = None
 
     def __post_init__(self) -> None:
         _check_choice("policy", self.policy, POLICIES)
@@ -129,7 +132,13 @@ class SplitConfig:
         if not (isinstance(self.gpu_timeout_s, int | float) and self.gpu_timeout_s > 0):
             raise ValueError(f"SplitConfig.gpu_timeout_s must be a positive number, got {self.gpu_timeout_s!r}")
         if not (isinstance(self.gpu_retries, int) and self.gpu_retries >= 0):
-            raise ValueError(f"SplitConfig.gpu_retries must be an int >= 0, got {self.gpu_retries!r}")
+            raise ValueError(f"SplitConfig.gpu_retries must be an int >= 0 or None, got {self.gpu_retries!r}")
+        if self.gpu_retries and self.masking in ("float", "remo"):
+            raise ValueError(
+                f"SplitConfig.gpu_retries={self.gpu_retries} with masking={self.masking!r}: a retry resends the same "
+                "values under fresh Gaussian masks, and the worker could average the copies to strip them; only "
+                "ring (one-time pads) and none may retry: use gpu_retries=0 (or None)"
+            )
         if isinstance(self.cost, dict):
             object.__setattr__(self, "cost", Cost(**self.cost))
         if not isinstance(self.cost, Cost) or min(dataclasses.astuple(self.cost)) <= 0:
@@ -139,6 +148,8 @@ class SplitConfig:
         if isinstance(self.private, str):
             object.__setattr__(self, "private", (self.private,))
         object.__setattr__(self, "private", tuple(self.private))
+        if self.gpu_retries is None:
+            object.__setattr__(self, "gpu_retries", 2 if self.masking in ("ring", "none") else 0)
         if self.device is None:
             object.__setattr__(self, "device", "cuda" if torch.cuda.is_available() else "cpu")
         device = torch.device(self.device)

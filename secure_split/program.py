@@ -124,7 +124,9 @@ class SplitProgram:
         return result
 
     def _run_with_retries(self, inputs: tuple[torch.Tensor, ...]) -> Any:
-        """One call; a retryable worker failure runs it again from the start with new keys (fresh masks)."""
+        """One call; a retryable worker failure runs it again from the start with new keys (fresh masks), as
+        often as `SplitConfig.gpu_retries` allows: only under ring or no masking, where a resend reveals nothing
+        more (Gaussian masks never retry: each resend would be one more noisy copy of the same values)."""
         for attempt in itertools.count():
             keys = self._keys_for_call()
             try:

@@ -1,4 +1,5 @@
-"""What the enclave does not take on trust from the GPU: talaria's basis responses are checked."""
+"""What the enclave does not take on trust from the GPU, and how it calls it: talaria's basis responses are
+checked, and Gaussian masks are never resent on a retry."""
 
 import pytest
 import torch
@@ -7,7 +8,21 @@ import transformers
 import secure_split
 from secure_split import IntegrityError, SplitConfig
 from secure_split.program import SplitProgram
+from secure_split.runtime.gpu_executor import WorkerError
 from secure_split.tiny import CONFIGS, tiny_inputs
+
+
+class Mlp(torch.nn.Module):
+    """Its input crosses to the GPU first (the first linear), then its hidden activation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.up = torch.nn.Linear(16, 32)
+        self.down = torch.nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
 
 
 class SkewedStage(torch.nn.Module):
@@ -24,6 +39,22 @@ class SkewedStage(torch.nn.Module):
         if all(bool((x == 0).all()) for x in inputs):
             return outputs
         return tuple(out * (1 + self.skew) for out in outputs)
+
+
+class FailingStage(torch.nn.Module):
+    """A GPU stage whose worker becomes unreachable once `failing` is set: every call is a retryable error."""
+
+    def __init__(self, stage: torch.nn.Module) -> None:
+        super().__init__()
+        self.stage = stage
+        self.failing = False
+        self.calls = 0
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if not self.failing:
+            return tuple(self.stage(*inputs))
+        self.calls += 1
+        raise WorkerError("GPU worker grpc://gpu:8001: ModelInfer failed: UNAVAILABLE", retryable=True)
 
 
 def tiny_lm(name: str) -> torch.nn.Module:
@@ -59,3 +90,25 @@ def test_a_gpu_skewing_its_remo_responses_is_refused(talaria, skew):
     skewed = SkewedStage(talaria.partition.stage_module(talaria.gpu_stages[-1]), skew)
     with pytest.raises(IntegrityError, match=rf"{last}: the GPU's ReMO responses R = f\(Q\) - f\(0\) disagree"):
         rebuilt(talaria, talaria.config, {last: skewed})
+
+
+def test_gaussian_masks_never_retry():
+    assert SplitConfig().gpu_retries == 2 and SplitConfig(masking="none").gpu_retries == 2
+    assert SplitConfig(masking="float").gpu_retries == 0 and SplitConfig(policy="talaria").gpu_retries == 0
+    for masking in ("float", "remo"):
+        with pytest.raises(ValueError, match="average the copies"):
+            SplitConfig(masking=masking, gpu_retries=1)
+    assert SplitConfig(masking="ring", gpu_retries=5).gpu_retries == 5
+
+
+@pytest.mark.parametrize(("policy", "attempts"), [("talaria", 1), ("secureinfer", 3)])
+def test_a_failing_worker_is_retried_under_ring_masks_only(policy, attempts):
+    x = torch.randn(4, 16)
+    split = secure_split.split(Mlp().eval(), (x,), config=SplitConfig(policy=policy, test_seed=0))
+    first = split.gpu_stages[0].module_name
+    failing = FailingStage(split.partition.stage_module(split.gpu_stages[0]))
+    program = rebuilt(split, split.config, {first: failing})  # remo asks the GPU for R here: it still answers
+    failing.failing = True
+    with pytest.raises(WorkerError, match="UNAVAILABLE"):
+        program.run(x)
+    assert failing.calls == attempts and program.retries == attempts - 1 and program.calls == 0
