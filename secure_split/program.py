@@ -14,6 +14,7 @@ import itertools
 import logging
 import math
 import operator
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -93,6 +94,9 @@ class SplitProgram:
         self.pool_calls = 0  # calls whose keys came from the pool
         self.online_calls = 0  # calls whose keys were made on the spot
         self.retries = 0  # attempts run again after a remote GPU worker failed them
+        # One call at a time: a call's keys, the CSPRNGs (their ciphers are not thread-safe), the pool and the
+        # counters are shared. Re-entrant: a call through Dynamo's entry reaches run() on the same thread.
+        self._lock = threading.RLock()
         self._gpu_calls = [n for n in self.boundary.graph.nodes if n.op == "call_module" and n.meta[SIDE] == "gpu"]
         self._masked = [n for n in self.boundary.graph.nodes if n.target is mask and n.meta[CUT].masked]
         self._zero_outputs: dict[str, tuple[torch.Tensor, ...]] = {}
@@ -115,11 +119,11 @@ class SplitProgram:
     def run(self, *inputs: torch.Tensor) -> Any:
         """Execute on the graph's flat user inputs (what the compiled graph receives)."""
         global _last_run
-        with torch.inference_mode():
+        with self._lock, torch.inference_mode():
             if self.sanitizer is not None:  # CMIF: tokens are sanitized before anything reads them
                 inputs = tuple(self._sanitized(i, x) for i, x in enumerate(inputs))
             result = self._run_with_retries(inputs)
-        self.calls += 1
+            self.calls += 1
         _last_run = weakref.ref(self)
         return result
 
@@ -149,10 +153,11 @@ class SplitProgram:
         """Call with the model's own arguments (programs from `split()`), or with flat graph inputs."""
         if self._entry is None:
             return self.run(*args, **kwargs)
-        before = self.calls
-        with torch.no_grad():  # as captured: grad mode is part of Dynamo's guards
+        with self._lock, torch.no_grad():  # as captured: grad mode is part of Dynamo's guards
+            before = self.calls
             result = self._entry(*args, **kwargs)
-        if self.calls == before:
+            ran = self.calls != before
+        if not ran:
             raise RuntimeError(
                 "this call did not run through the split program (new input shapes or dtypes make Dynamo "
                 "compile a new graph); call secure_split.split() again for these inputs"
@@ -182,18 +187,20 @@ class SplitProgram:
             raise ValueError("masking='none' uses no masks: there is nothing to precompute")
         if n_calls < 0:
             raise ValueError(f"precompute needs a number of calls >= 0, got {n_calls}")
-        with torch.inference_mode():
+        with self._lock, torch.inference_mode():
             for _ in range(n_calls):
                 self.pool.add(self._make_keys())
-        return len(self.pool)
+            return len(self.pool)
 
     def save_pool(self, path: str | Path) -> int:
         """Seal the pool to `path` (AES-GCM, enclave-held key) and empty it; returns the number of calls saved."""
-        return self.pool.save(path, self.fingerprint)
+        with self._lock:
+            return self.pool.save(path, self.fingerprint)
 
     def load_pool(self, path: str | Path) -> int:
         """Load a sealed pool; a tampered, foreign or replayed file raises `PoolError`. Returns the count."""
-        return self.pool.load(path, self.fingerprint)
+        with self._lock:
+            return self.pool.load(path, self.fingerprint)
 
     @cached_property
     def fingerprint(self) -> bytes:

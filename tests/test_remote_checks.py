@@ -1,5 +1,7 @@
 """What the enclave does not take on trust from the GPU, and how it calls it: talaria's basis responses are
-checked, and Gaussian masks are never resent on a retry."""
+checked, Gaussian masks are never resent on a retry, and calls are thread-safe."""
+
+import threading
 
 import pytest
 import torch
@@ -112,3 +114,35 @@ def test_a_failing_worker_is_retried_under_ring_masks_only(policy, attempts):
     with pytest.raises(WorkerError, match="UNAVAILABLE"):
         program.run(x)
     assert failing.calls == attempts and program.retries == attempts - 1 and program.calls == 0
+
+
+def test_one_program_serves_many_threads():
+    """Without its lock, 6 threads × 10 calls of this program failed ~20 of 60 calls ("Already borrowed": the
+    mask CSPRNG's cipher was entered by two threads at once)."""
+    model = tiny_lm("bert")
+    args, kwargs = tiny_inputs("bert")
+    program = secure_split.split(model, args, kwargs, SplitConfig(test_seed=0))
+    inputs = [tiny_inputs("bert", seed=t) for t in range(6)]
+    with torch.no_grad():
+        expected = [model(*a, **k).last_hidden_state for a, k in inputs]
+    results: list[list[torch.Tensor]] = [[] for _ in inputs]
+    errors: list[BaseException] = []
+
+    def serve(t: int) -> None:
+        try:
+            for _ in range(10):
+                results[t].append(program(*inputs[t][0], **inputs[t][1]).last_hidden_state)
+        except BaseException as error:  # the main thread asserts there was none
+            errors.append(error)
+
+    threads = [threading.Thread(target=serve, args=(t,)) for t in range(len(inputs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    for got, want in zip(results, expected, strict=True):
+        assert len(got) == 10
+        for out in got:
+            torch.testing.assert_close(out, want, atol=5e-4, rtol=1e-3)
+    assert program.calls == 61 and program.report().keys_made_online == 61  # with the capture call
