@@ -117,7 +117,7 @@ class SplitProgram:
         return [s for s in self.partition.stages if s.side == "gpu"]
 
     def run(self, *inputs: torch.Tensor) -> Any:
-        """Execute on the graph's flat user inputs (what the compiled graph receives)."""
+        """Execute on the graph's flat user inputs (what the compiled graph receives). Thread-safe: calls queue."""
         global _last_run
         with self._lock, torch.inference_mode():
             if self.sanitizer is not None:  # CMIF: tokens are sanitized before anything reads them
