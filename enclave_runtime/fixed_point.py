@@ -27,8 +27,8 @@ def decode(y: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32) -> to
     return (y.to(torch.float64) * 2.0**-bits).to(dtype)
 
 
-def check_bound(x: torch.Tensor, bound: float, name: str) -> None:
-    """Refuse an activation the compiler's headroom analysis did not allow for."""
+def check_bound(x: torch.Tensor, bound: float, name: str) -> float:
+    """Refuse an activation the compiler's headroom analysis did not allow for; returns its largest |x|."""
     peak = x.abs().max().item() if x.numel() else 0.0
     if not peak <= bound:  # also catches NaN
         raise RingOverflowError(
@@ -36,3 +36,4 @@ def check_bound(x: torch.Tensor, bound: float, name: str) -> None:
             "its fixed-point encoding could overflow Z_2^64 on the GPU; raise activation_bound (the compiler "
             "re-checks the headroom) or lower frac_bits"
         )
+    return peak

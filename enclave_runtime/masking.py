@@ -7,12 +7,19 @@ term L(r) = f(r) - f(0), which it computes itself from the masks (Slalom's idea)
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Protocol
 
 import torch
 
 from .csprng import CSPRNG
 from .fixed_point import check_bound, decode, encode
+
+# A value whose largest |x| encodes below 2^10 keeps fewer than 10 significant bits: even its largest entry is
+# resolved to worse than 0.1 % (2^-10), and every smaller one worse still.
+MIN_SIGNIFICANT_BITS = 10
+log = logging.getLogger("secure_split")
 
 
 class MaskingScheme(Protocol):
@@ -38,10 +45,25 @@ class RingMasking:
         self.rng = rng
         self.frac_bits = frac_bits
         self.activation_bound = activation_bound
+        # value name -> the fewest significant bits it kept, for values that kept fewer than MIN_SIGNIFICANT_BITS
+        self.precision_lost: dict[str, float] = {}
 
     def encode(self, value: torch.Tensor, name: str) -> torch.Tensor:
-        check_bound(value, self.activation_bound, name)
+        self._note_precision(check_bound(value, self.activation_bound, name), name)
         return encode(value, self.frac_bits)
+
+    def _note_precision(self, peak: float, name: str) -> None:
+        """Record, and warn the first time, a value whose largest |x| keeps < MIN_SIGNIFICANT_BITS bits."""
+        if peak == 0.0 or peak * 2.0**self.frac_bits >= 2.0**MIN_SIGNIFICANT_BITS:  # zeros encode exactly
+            return
+        bits = math.log2(peak) + self.frac_bits  # below 0: every entry rounds to 0
+        if name not in self.precision_lost:
+            log.warning(
+                "secure_split: cut %r: its largest |x| sent, %.3g, keeps %.1f significant bits at frac_bits=%d "
+                "(fewer than %d): results lose precision; raise SplitConfig.frac_bits",
+                name, peak, bits, self.frac_bits, MIN_SIGNIFICANT_BITS,
+            )  # fmt: skip
+        self.precision_lost[name] = min(bits, self.precision_lost.get(name, bits))
 
     def decode(self, value: torch.Tensor, bits: int | None, dtype: torch.dtype) -> torch.Tensor:
         assert bits is not None, "a ring value decodes with the fractional bits its GPU stage produced"

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from secure_split.enclave_runtime.masking import MIN_SIGNIFICANT_BITS, RingMasking
 from secure_split.passes.flops import node_flops
 from secure_split.passes.label import is_getitem
 from secure_split.passes.meta import REASON, SIDE, TAINT
@@ -50,6 +51,8 @@ class PartitionReport:
     epsilon: float | None = None  # cmif: its ε per token (inf: tokens are not sanitized)
     tokens_replaced: int | None = None  # cmif: tokens the sanitizer changed so far, of
     tokens_sanitized: int | None = None  # cmif: the non-special tokens it has seen
+    # ring: cut name -> the fewest significant bits its values kept so far, where below MIN_SIGNIFICANT_BITS
+    precision_lost: dict[str, float] = field(default_factory=dict)
     cut_table: list[dict[str, Any]] = field(default_factory=list)
     graph: SplitGraph | None = field(default=None, repr=False, compare=False)  # for draw(); not serialised
 
@@ -89,6 +92,9 @@ class PartitionReport:
             lines += [f"  {n:4d}  {reason}" for reason, n in sorted(self.kept_in_enclave.items(), key=lambda x: -x[1])]
         if "none" in self.protection:
             lines.append("WARNING: masking='none': activations cross to the GPU in plaintext")
+        if self.precision_lost:
+            lines.append(f"WARNING: values kept fewer than {MIN_SIGNIFICANT_BITS} significant bits in fixed point "
+                         f"(raise frac_bits): {', '.join(sorted(self.precision_lost))}")  # fmt: skip
         if self.epsilon is not None and math.isinf(self.epsilon):
             lines.append("WARNING: cmif with epsilon=inf: tokens are not sanitized, their embeddings cross as they are")
         return "\n".join(lines)
@@ -125,6 +131,7 @@ def build_report(program: SplitProgram) -> PartitionReport:
         pool_size=len(program.pool),
         verify_error_bits=program.verify_error_bits,
         remo_unmasked_share=None if program.remo is None else program.remo.unmasked_share,
+        precision_lost=dict(program.masking.precision_lost) if isinstance(program.masking, RingMasking) else {},
         **_sanitizer_fields(program),
         pool_bytes_per_call=program.pool_bytes_per_call,
         cut_table=[

@@ -1,6 +1,8 @@
 """What the enclave does not take on trust from the GPU, and how it calls it: talaria's basis responses are
-checked, Gaussian masks are never resent on a retry, and calls are thread-safe."""
+checked, Gaussian masks are never resent on a retry, calls are thread-safe, and fixed-point precision loss
+is reported."""
 
+import logging
 import threading
 
 import pytest
@@ -9,6 +11,7 @@ import transformers
 
 import secure_split
 from secure_split import IntegrityError, SplitConfig
+from secure_split.enclave_runtime.masking import MIN_SIGNIFICANT_BITS
 from secure_split.program import SplitProgram
 from secure_split.runtime.gpu_executor import WorkerError
 from secure_split.tiny import CONFIGS, tiny_inputs
@@ -146,3 +149,20 @@ def test_one_program_serves_many_threads():
         for out in got:
             torch.testing.assert_close(out, want, atol=5e-4, rtol=1e-3)
     assert program.calls == 61 and program.report().keys_made_online == 61  # with the capture call
+
+
+def test_values_below_fixed_point_resolution_are_reported(caplog):
+    model = Mlp().eval()
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    program = secure_split.split(model, (x,), config=SplitConfig(test_seed=0))
+    assert program.report().precision_lost == {}
+    with caplog.at_level(logging.WARNING, logger="secure_split"):
+        program(x * 1e-6)
+        program(x * 1e-6)
+    lost = program.report().precision_lost
+    first = program.cuts[0].name
+    assert first in lost and lost[first] < MIN_SIGNIFICANT_BITS
+    warnings = [r.getMessage() for r in caplog.records if "significant bits" in r.getMessage()]
+    assert len(warnings) == len(lost)  # once per cut, though it was called twice
+    assert f"cut {first!r}" in warnings[0] and "raise SplitConfig.frac_bits" in warnings[0]
+    assert "significant bits in fixed point (raise frac_bits)" in str(program.report())
