@@ -34,8 +34,8 @@ CLIENTS = (1, 2, 4, 8)
 
 
 def latency_row(policy: str, root: Path, url: str, inputs: dict, eager_s: float, repeats: int) -> dict:
-    local = secure_split.load_bundle(root, seed=1, precompute=repeats + 2)
-    remote = secure_split.load_bundle(root, seed=1, gpu=url, precompute=repeats + 3)
+    local = secure_split.load_bundle(root, seed=1, key=f"{root}.key", precompute=repeats + 2)
+    remote = secure_split.load_bundle(root, seed=1, gpu=url, key=f"{root}.key", precompute=repeats + 3)
     local_s = timed(lambda: local(**inputs), repeats)
     remote_s = timed(lambda: remote(**inputs), repeats)
     sent, received, payload = remote.worker.bytes_sent, remote.worker.bytes_received, remote.program.channel
@@ -51,7 +51,7 @@ def latency_row(policy: str, root: Path, url: str, inputs: dict, eager_s: float,
 
 def throughput(root: Path, url: str, inputs: dict, clients: int, requests: int) -> float:
     """Calls per second of `clients` concurrent enclave sessions sharing the worker."""
-    sessions = [secure_split.load_bundle(root, gpu=url, precompute=requests) for _ in range(clients)]
+    sessions = [secure_split.load_bundle(root, gpu=url, key=f"{root}.key", precompute=requests) for _ in range(clients)]
     barrier = threading.Barrier(clients + 1)
 
     def client(session) -> None:

@@ -44,6 +44,21 @@ class CheckPlan:
     reps: int
     soundness_bits: int  # a wrong answer passes with probability ≤ 2^-soundness_bits
 
+    @classmethod
+    def for_bounds(cls, width: int, reps: int, out_bounds: list[int]) -> CheckPlan:
+        """`reps` checks of width w on outputs bounded by `out_bounds`: sound to reps·min(w, 64 - v) bits."""
+        return cls(width, reps, reps * min(width, 64 - _trailing_bits(out_bounds)))
+
+
+def required_bits(checked_stages: int) -> int:
+    """The soundness each of a call's checked stages needs for the call to err with probability ≤ 2^-40."""
+    return CALL_SOUNDNESS_BITS + math.ceil(math.log2(max(1, checked_stages)))
+
+
+def _trailing_bits(out_bounds: list[int]) -> int:
+    """v: the most trailing zero bits a nonzero error |E| ≤ 2B can have, B the largest output bound."""
+    return math.floor(math.log2(2 * max(out_bounds)))
+
 
 class StageVerifier:
     """Makes a stage's offline check vectors and checks its answers online.
@@ -74,13 +89,12 @@ class StageVerifier:
         """Plan the checks of a ring GPU stage (at least `target_bits` of soundness) and trace its transpose."""
         out_bounds, out_shapes = stage.meta[RING_BOUNDS], stage.meta[RING_SHAPES]
         cotangent_peak = _cotangent_peak(_float64_copy(stage, absolute=True), inputs_like)
-        trailing = math.floor(math.log2(2 * max(out_bounds)))
-        width = min(math.floor(math.log2(_EXACT / max(cotangent_peak, 1.0))) - 1, 64 - trailing, 62)
+        width = min(math.floor(math.log2(_EXACT / max(cotangent_peak, 1.0))) - 1, 64 - _trailing_bits(out_bounds), 62)
         if width < 1:
             raise ValueError(f"verify=True cannot check {name}: its cotangents exceed float64's exact range")
         reps = math.ceil(target_bits / width)
         transpose = transpose_graph(_float64_copy(stage, absolute=False), inputs_like, out_shapes)
-        return cls(name, transpose, CheckPlan(width, reps, reps * width), out_bounds, out_shapes, inputs_like)
+        return cls(name, transpose, CheckPlan.for_bounds(width, reps, out_bounds), out_bounds, out_shapes, inputs_like)
 
     @property
     def nbytes_per_call(self) -> int:

@@ -149,6 +149,8 @@ def wire_dtype(masking: str, dtype: torch.dtype) -> torch.dtype:
 
 def hide(value: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """value + mask (wrapping in Z_2^64 for int64), in the mask's layout, which is the one the stage was traced on."""
+    if value.shape != mask.shape:  # a mask of a wrong (edited) cut shape would broadcast: one pad over many values
+        raise ValueError(f"a value of shape {tuple(value.shape)} cannot hide under a mask of shape {tuple(mask.shape)}")
     return torch.add(value, mask, out=torch.empty_like(mask))
 
 

@@ -2,14 +2,15 @@
 
 A bundle directory holds:
 
-    manifest.json                  the schema below (version 1)
+    manifest.json                  the schema below (version 2)
+    manifest.json.hmac             its HMAC-SHA256 under the enclave's bundle key (`bundle_trust`)
     enclave/stage<N>_enclave.onnx  run by the enclave, on onnxruntime's CPU provider
     gpu/stage<N>_gpu.onnx          public weights only; run on the CUDA provider when present
     <file>.onnx.data               a stage's weights, when they exceed 1 MiB (ONNX external data)
     enclave/stage<N>_gpu_check.onnx  verify=True: a GPU stage's transpose s -> Lᵀs, for the enclave's checks
     enclave/token_embeddings.npy   cmif: the embedding table the token sanitizer draws replacements from
 
-manifest.json: `format` ("secure_split.bundle"), `version` (1), `producer` (secure_split, torch, onnx versions and
+manifest.json: `format` ("secure_split.bundle"), `version` (2), `producer` (secure_split, torch, onnx versions and
 the opset), `model` (where the model came from, if the exporter said), `config` (the SplitConfig fields the
 runtime needs; never a seed or a key), `buckets` (one split per shape; each: `batch`, `seq`, `inputs` (the flat
 inputs in call order: the model argument each one is, shape, dtype), `token_inputs` (positions cmif sanitizes),
@@ -17,7 +18,8 @@ inputs in call order: the model argument each one is, shape, dtype), `token_inpu
 `boundary` (the boundary graph in order: inputs, stage calls, their items, and every mask/unmask with its cut),
 `outputs` (which boundary values the model returns, in its output order, and their shapes)), `dynamic_axes`
 (which input and output dimensions are the batch and the sequence; empty for a single-shape bundle) and `files`
-(sha256 of every other file). A bundle with several buckets keeps each bucket's files under `b<batch>_t<seq>/`.
+(`sha256` and `size` of every other file but the tag). A bundle with several buckets keeps each bucket's files
+under `b<batch>_t<seq>/`.
 Masking, unmasking and the key pool are the enclave runtime's: no GPU file holds a mask, an unmask term or a
 private parameter.
 """
@@ -37,7 +39,7 @@ import torch
 from torch import fx
 from torch.utils._pytree import tree_leaves
 
-from secure_split.enclave_runtime.integrity import CheckPlan, StageVerifier
+from secure_split.enclave_runtime.integrity import StageVerifier
 from secure_split.partitioner.stages import PartitionResult, StageSpec
 from secure_split.passes.insert_masks import Cut, mask, unmask
 from secure_split.passes.label_cmif import token_embeddings
@@ -45,10 +47,20 @@ from secure_split.passes.leak_audit import LeakError
 from secure_split.passes.meta import CUT, PARAM_NAMES, PRIVATE_PARAM, SIDE, STAGE, WEIGHTS
 from secure_split.passes.onnx_lower import portable
 from secure_split.passes.ring_lower import RING_BITS
-from secure_split.runtime.manifest import FORMAT, VERSION, BundleError, check_files, model_name, read_manifest, sha256
+from secure_split.runtime.manifest import (
+    FORMAT,
+    MANIFEST,
+    VERSION,
+    BundleError,
+    check_files,
+    file_digest,
+    file_entry,
+    model_name,
+)
 from secure_split.runtime.remote import RemoteStage, WorkerClient
 from secure_split.runtime.tls import TlsFiles
 
+from .bundle_trust import audit_loaded, authenticated_manifest, check_masking, check_plan, export_key, sign_manifest
 from .config import SplitConfig
 from .onnx_stage import CPU, OnnxStage, gpu_providers
 from .program import SplitProgram, make_sanitizer
@@ -71,6 +83,7 @@ def export_bundle(
     progress: Callable[[int, int, str], None] | None = None,
     about: dict[str, Any] | None = None,
     buckets: list[tuple[int, int]] | None = None,
+    key: bytes | str | Path | None = None,
 ) -> Path:
     """Split `model` on example inputs (or take a `SplitProgram`) and write its ONNX split bundle to `path`.
 
@@ -78,13 +91,17 @@ def export_bundle(
     inputs repeated or cut to its shape), and at run time inputs are padded to the smallest bucket that holds
     them (masked by their attention mask) and outputs cut back. `config.private` is checked again against
     every GPU stage: a file that would carry a private parameter is refused. `progress(done, total, file)` is
-    called as each stage file is written; `about` (JSON-able, e.g. the model's source) is kept as "model"."""
+    called as each stage file is written; `about` (JSON-able, e.g. the model's source) is kept as "model".
+    The manifest is signed with `key` (bytes, or a key file: read, or written with a fresh key if absent); None
+    writes a fresh key to `<path>.key`, beside the bundle: `load_bundle` needs it, so keep it with the enclave."""
     from .api import split
 
     args = args if isinstance(args, tuple) else (args,)
     root = Path(path)
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} is not empty: a bundle is written into a new or empty directory")
+    root.mkdir(parents=True, exist_ok=True)
+    signing_key = export_key(key, root)
     if isinstance(model, SplitProgram):
         if buckets:
             raise ValueError("buckets need the model (one split per bucket), not a SplitProgram")
@@ -113,9 +130,10 @@ def export_bundle(
         "config": {name: getattr(examples[0][0].config, name) for name in RUNTIME_FIELDS},
         "buckets": written,
         "dynamic_axes": _dynamic_axes(written),
-        "files": {str(f.relative_to(root)): sha256(f) for f in sorted(root.rglob("*")) if f.is_file()},
+        "files": {f.relative_to(root).as_posix(): file_entry(f) for f in sorted(root.rglob("*")) if f.is_file()},
     }
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    sign_manifest(root, signing_key)
     return root
 
 
@@ -125,6 +143,9 @@ def load_bundle(
     seed: int | None = None,
     gpu: str | None = None,
     tls: TlsFiles | None = None,
+    key: bytes | str | Path | None = None,
+    unauthenticated: bool = False,
+    plaintext: bool = False,
     **options: Any,
 ) -> BundleSession:
     """Check and open a bundle; GPU stages run on `providers` (default: CUDA when present, else the CPU), or on
@@ -133,14 +154,19 @@ def load_bundle(
 
     `seed` makes the enclave's mask stream reproducible (tests, benchmarks); None draws a fresh key.
     `options` are the SplitConfig fields a loader may choose (LOAD_OPTIONS, e.g. gpu_timeout_s=5); the rest
-    were fixed at export."""
+    were fixed at export.
+
+    `key` (bytes, or the key file `export_bundle` wrote) authenticates the manifest before anything in it is
+    used; `unauthenticated=True` skips that, with a warning (tests only). Either way the boundary is audited
+    again (`bundle_trust.audit_loaded`), and masking "none" outside cmif needs `plaintext=True`."""
     root = Path(path)
-    manifest = read_manifest(root)
+    manifest = authenticated_manifest(root, key, unauthenticated)
     check_files(root, manifest["files"])
     unknown = sorted(set(options) - set(LOAD_OPTIONS))
     if unknown:
         raise TypeError(f"load_bundle: {unknown} cannot be chosen at load time; options are {list(LOAD_OPTIONS)}")
     config = SplitConfig(**{**manifest["config"], **options}, seed=seed, device="cpu")
+    check_masking(config, plaintext)
     worker = WorkerClient(gpu, config.gpu_timeout_s, tls) if gpu is not None else None
     gpu_side = [gpu] if gpu is not None else gpu_providers(providers)
     table = root / TOKEN_EMBEDDINGS
@@ -148,6 +174,7 @@ def load_bundle(
     programs = []
     for bucket in manifest["buckets"]:
         boundary, specs, on_gpu = _rebuild(root, bucket, manifest["files"], gpu_side, worker)
+        audit_loaded(boundary, bucket, config)
         partition = PartitionResult(fx.GraphModule(torch.nn.Module(), fx.Graph()), boundary, specs)
         sources = [entry["source"] for entry in bucket["inputs"]]
         checks = _verifiers(root, bucket, manifest["files"], boundary) if config.verify else None
@@ -447,7 +474,7 @@ def _argument_name(source: str) -> str:
 
 
 def _rebuild(
-    root: Path, bucket: dict[str, Any], digests: dict[str, str], gpu: list[str], worker: WorkerClient | None
+    root: Path, bucket: dict[str, Any], files: dict[str, dict[str, Any]], gpu: list[str], worker: WorkerClient | None
 ) -> tuple[fx.GraphModule, list[StageSpec], dict[str, torch.nn.Module]]:
     """The boundary graph, calling one OnnxStage per stage file (CPU copies for the enclave's own use), and
     what the GPU runs: sessions on its providers, opened now (a provider that cannot serve them fails here),
@@ -456,7 +483,7 @@ def _rebuild(
     env: dict[str, fx.Node] = {}
     specs, on_gpu = [], {}
     for stage in bucket["stages"]:
-        digest, path = digests[stage["file"]], root / stage["file"]
+        digest, path = file_digest(files, stage["file"]), root / stage["file"]
         names, bits = stage["onnx_inputs"], stage["ring_bits"]
         holder.add_module(stage["name"], OnnxStage(path, [CPU], digest, names, bits))
         if stage["side"] == "gpu" and worker is not None:
@@ -474,10 +501,12 @@ def _rebuild(
 
 
 def _verifiers(
-    root: Path, bucket: dict[str, Any], digests: dict[str, str], boundary: fx.GraphModule
+    root: Path, bucket: dict[str, Any], files: dict[str, dict[str, Any]], boundary: fx.GraphModule
 ) -> dict[str, StageVerifier]:
-    """The checks of every GPU stage call (verify=True), from the transposes and plans the export wrote."""
+    """The checks of every GPU stage call (verify=True), from the transposes and plans the export wrote; a plan
+    sound to fewer bits than the program would have asked for is refused."""
     calls = {str(n.target): n for n in boundary.graph.nodes if n.op == "call_module"}
+    gpu_calls = sum(n.op == "call_module" and n.meta[SIDE] == "gpu" for n in boundary.graph.nodes)
     verifiers = {}
     for stage in bucket["stages"]:
         if stage["side"] != "gpu":
@@ -486,8 +515,8 @@ def _verifiers(
         if check is None:
             raise BundleError(f"{stage['file']}: no verification file: export the bundle with SplitConfig(verify=True)")
         call = calls[stage["name"]]
-        transpose = OnnxStage(root / check["file"], [CPU], digests[check["file"]], check["inputs"], None)
-        plan = CheckPlan(check["width"], check["reps"], check["width"] * check["reps"])
+        transpose = OnnxStage(root / check["file"], [CPU], file_digest(files, check["file"]), check["inputs"], None)
+        plan = check_plan(check, stage["name"], gpu_calls)
         like = [a.meta[CUT].empty().zero_() for a in call.args]
         shapes = [tuple(shape) for shape in check["out_shapes"]]
         verifiers[call.name] = StageVerifier(stage["name"], transpose, plan, check["out_bounds"], shapes, like)

@@ -28,8 +28,12 @@ def add_commands(sub: Any, models: tuple[str, ...]) -> None:
     export.add_argument("--buckets", default=None, help="shapes the bundle serves, e.g. 1x32,4x128 (batch x seq)")
     export.add_argument("--triton-repo", type=Path, default=None,
                         help="also write the GPU stages as a Triton model repository here")  # fmt: skip
+    export.add_argument("--key", type=Path, default=None,
+                        help="the key file that signs the bundle: read, or written with a fresh key if absent "
+                             "(default: a fresh one in OUT.key)")  # fmt: skip
     run = sub.add_parser("run", help="run a bundle on sample input; compare with eager when the model is at hand")
     run.add_argument("bundle", type=Path)
+    run.add_argument("--key", type=Path, required=True, help="the bundle's key file (export wrote OUT.key)")
     run.add_argument("--gpu", default=None, help="run the GPU stages on this worker, grpc://HOST:PORT (TLS: grpcs://)")
     run.add_argument("--tls-ca", type=Path, default=None, help="grpcs://: the CA that signed the worker's certificate")
     run.add_argument("--tls-cert", type=Path, default=None, help="grpcs://: this client's certificate, for mutual TLS")
@@ -40,6 +44,7 @@ def run_export(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     import secure_split
+    from secure_split.bundle_trust import key_path
 
     about = _about(args)
     model, inputs = _model_and_inputs(about, args.batch, args.seq)
@@ -53,11 +58,13 @@ def run_export(args: argparse.Namespace) -> None:
 
         buckets = [tuple(int(n) for n in b.split("x")) for b in args.buckets.split(",")] if args.buckets else None
         root = secure_split.export_bundle(model, (), args.out, config, inputs, progress=progress, about=about,
-                                          buckets=buckets)  # fmt: skip
+                                          buckets=buckets, key=args.key)  # fmt: skip
         bar.update(bar.total - bar.n)
     files = json.loads((root / "manifest.json").read_text())["files"]
     size = sum((root / f).stat().st_size for f in files)
     print(f"wrote {root}: {len(files)} files, {size / 1e6:.1f} MB, policy {args.policy}")
+    key = args.key or key_path(root)
+    print(f"signed with the key in {key}: keep it with the enclave (secure-split run {root} --key {key})")
     if args.triton_repo is not None:
         from secure_split.runtime.triton import export_triton_repo
 
@@ -70,7 +77,7 @@ def run_bundle(args: argparse.Namespace) -> None:
 
     import secure_split
 
-    session = secure_split.load_bundle(args.bundle, gpu=args.gpu, tls=_client_tls(args))
+    session = secure_split.load_bundle(args.bundle, gpu=args.gpu, tls=_client_tls(args), key=args.key)
     manifest = session.manifest
     about = manifest.get("model", {})
     model, inputs = _model_and_inputs(about, *_batch_and_seq(manifest)) if about else (None, _sample(manifest))

@@ -26,7 +26,7 @@ import torch
 from torch import fx
 
 from secure_split.enclave_runtime.csprng import CSPRNG
-from secure_split.enclave_runtime.integrity import CALL_SOUNDNESS_BITS, StageVerifier
+from secure_split.enclave_runtime.integrity import StageVerifier, required_bits
 from secure_split.enclave_runtime.masking import MaskingScheme, RemoMasking, hide, make_masking, reveal
 from secure_split.enclave_runtime.pool import CallKeys, KeyPool
 from secure_split.enclave_runtime.sanitizer import IdentitySanitizer, Sanitizer, TokenSanitizer
@@ -255,7 +255,7 @@ class SplitProgram:
         return CallKeys(self.pool.new_serial(), masks, terms, checks)
 
     def _make_verifiers(self) -> dict[str, StageVerifier]:
-        target = CALL_SOUNDNESS_BITS + math.ceil(math.log2(max(1, len(self._gpu_calls))))
+        target = required_bits(len(self._gpu_calls))
         verifiers = {}
         for call in self._gpu_calls:
             if not _all_masked(call):

@@ -140,9 +140,10 @@ def test_export_and_run_a_bundle_from_a_config(tmp_path, capsys):
     bundle, repo = tmp_path / "bundle", tmp_path / "triton"
     command = ["export", "--config", str(config), "--out", str(bundle), "--seq", "8", "--triton-repo", str(repo)]
     assert main(command) == 0
-    assert f"wrote {bundle}:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"wrote {bundle}:" in out and f"signed with the key in {bundle}.key" in out
     _check_triton_repository(bundle, repo)
-    assert main(["run", str(bundle)]) == 0
+    assert main(["run", str(bundle), "--key", f"{bundle}.key"]) == 0
     out = capsys.readouterr().out
     assert "input_ids (2, 8), attention_mask (2, 8)" in out
     errors = [float(e) for e in re.findall(r"max \|bundle - eager\| = (\S+)", out)]

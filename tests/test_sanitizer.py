@@ -139,13 +139,13 @@ def test_cmif_bundle_sanitizes_in_the_enclave(tmp_path):
     config = SplitConfig(policy="cmif", epsilon=4.0, sanitizer="custext+", seed=0)
     root = secure_split.export_bundle(model, args, tmp_path / "b", config, kwargs)
     assert (root / "enclave" / "token_embeddings.npy").is_file()
-    session = secure_split.load_bundle(root, seed=11)
+    session = secure_split.load_bundle(root, seed=11, key=f"{root}.key")
     out = session(*args, **kwargs)
     loaded = session.program.config
     assert loaded.epsilon == 4.0 and loaded.sanitizer == "custext+" and loaded.special_token_ids == (0,)
     s = Sanitizer("custext+", 4.0, model.get_input_embeddings().weight, 20, 11, (0,))
     with torch.no_grad():
         torch.testing.assert_close(out[0], model(s.sanitize(args[0]), **kwargs)[0], atol=1e-5, rtol=1e-5)
-    plain = secure_split.load_bundle(root, epsilon=math.inf)(*args, **kwargs)
+    plain = secure_split.load_bundle(root, key=f"{root}.key", epsilon=math.inf)(*args, **kwargs)
     with torch.no_grad():
         torch.testing.assert_close(plain[0], model(*args, **kwargs)[0], atol=1e-5, rtol=1e-5)

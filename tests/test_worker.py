@@ -46,7 +46,7 @@ def worker(bert, tmp_path_factory):
 
 
 def _session(bert, url, **options):
-    return secure_split.load_bundle(bert[0], gpu=url, verify=False, **options)
+    return secure_split.load_bundle(bert[0], gpu=url, verify=False, key=f"{bert[0]}.key", **options)
 
 
 def test_remote_equals_eager_and_the_worker_received_only_masked_values(bert, worker):
@@ -175,11 +175,12 @@ def test_a_killed_worker_gives_an_error_naming_it_within_the_timeout(bert):
 def test_a_tampering_worker_is_caught_with_verify(bert):
     running = start_worker(bert[1], tampering=True)
     try:
-        honest = secure_split.load_bundle(bert[0], seed=3, verify=False)(*bert[2], attention_mask=bert[3])
-        unchecked = secure_split.load_bundle(bert[0], gpu=running.url, seed=3, verify=False)
+        key = f"{bert[0]}.key"
+        honest = secure_split.load_bundle(bert[0], seed=3, verify=False, key=key)(*bert[2], attention_mask=bert[3])
+        unchecked = secure_split.load_bundle(bert[0], gpu=running.url, seed=3, verify=False, key=key)
         out = unchecked(*bert[2], attention_mask=bert[3])  # same masks; without checks the wrong answer goes through
         assert not torch.equal(out[0], honest[0])
-        checked = secure_split.load_bundle(bert[0], gpu=running.url)  # the bundle was exported with verify=True
+        checked = secure_split.load_bundle(bert[0], gpu=running.url, key=key)  # exported with verify=True
         assert checked.program.config.verify
         with pytest.raises(IntegrityError, match="stage1_gpu"):
             checked(*bert[2], attention_mask=bert[3])
@@ -228,7 +229,8 @@ def test_the_gramine_manifest_template_renders_to_toml(tmp_path):
                                      "runtimedir": lambda: "/usr/lib/gramine/runtime"},
               "python": {"get_sys_path": lambda _: [site]}}  # fmt: skip
     manifest = tomllib.loads(jinja2.Template(template.read_text()).render(**values))
-    assert manifest["loader"]["argv"][-4:] == ["run", "/bundle", "--gpu", "grpc://10.0.0.2:8001"]
+    assert manifest["loader"]["argv"][-6:] == ["run", "/bundle", "--key", "/sealed/bundle.key", "--gpu",
+                                               "grpc://10.0.0.2:8001"]  # fmt: skip
     assert f"file:{tmp_path / 'bundle'}/" in manifest["sgx"]["trusted_files"]
     assert {"type": "encrypted", "path": "/sealed", "uri": f"file:{tmp_path}", "key_name": "_sgx_mrenclave"} in (
         manifest["fs"]["mounts"]
