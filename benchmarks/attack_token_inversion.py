@@ -22,7 +22,7 @@ best that a guess ignoring the input does on average (the uniform rates are in t
 "blind": the expected top-1 of its own guesses shuffled across tokens, sum_c P(truth = c)·P(guess = c), i.e. what
 those guesses score without any information about the input; leakage is top-1 above blind. (Nearest neighbour
 is the maximum-likelihood guess under Gaussian masks but ignores token frequencies, so under heavy masking it
-lands on rare tokens and scores below the majority rate.) Every masking draws its masks from its own fixed seed.
+lands on rare tokens and scores below the majority rate.) Every masking draws its masks from its own OS-keyed stream.
 
 ReMO (policy="talaria", masking="remo", on tiny GPT-2): a mask P·Q hides each row only inside the span of the
 public basis Q (rank m). For every cut and rank the script measures, on the run itself, the rank of what was
@@ -214,9 +214,9 @@ def build(workload: Workload, options: dict[str, Any]) -> secure_split.SplitProg
 
 
 def settings(scales: list[float]) -> list[tuple[str, dict[str, Any]]]:
-    """The masked settings to attack, as (label, SplitConfig options); each its own fixed mask seed."""
-    floats = [(f"float {s:g}", {"masking": "float", "mask_scale": s, "seed": i}) for i, s in enumerate(scales, 1)]
-    return [*floats, ("ring", {"masking": "ring", "seed": len(scales) + 1})]
+    """The masked settings to attack, as (label, SplitConfig options)."""
+    floats = [(f"float {s:g}", {"masking": "float", "mask_scale": s}) for s in scales]
+    return [*floats, ("ring", {"masking": "ring"})]
 
 
 def blind_rate(guess: torch.Tensor, truth: torch.Tensor) -> float:
@@ -282,7 +282,7 @@ def first_cut(workload: Workload, plain: dict[Key, Observed]) -> Key | None:
 
 def attack(workload: Workload, scales: list[float]) -> list[dict]:
     """Fit the probes on plaintext training runs, then score both attacks in plaintext and under each masking."""
-    plain = build(workload, {"masking": "none", "seed": 0})
+    plain = build(workload, {"masking": "none"})
     probes = train_probes(workload, observe(plain, workload.train))
     observed = observe(plain, workload.test)
     first = first_cut(workload, observed)
@@ -306,12 +306,12 @@ def complement(basis: torch.Tensor | None, width: int) -> torch.Tensor:
 
 def attack_remo(workload: Workload, ranks: list[int | None]) -> list[dict]:
     """Talaria with remo masks at each rank: measured mask rank, clear energy, and both probes per cut."""
-    plain = build(workload, {"policy": "talaria", "masking": "none", "seed": 0})
+    plain = build(workload, {"policy": "talaria", "masking": "none"})
     train, test = observe(plain, workload.train), observe(plain, workload.test)
     y, truth = labels(workload.train), labels(workload.test)
     rows = []
-    for seed, rank in enumerate(ranks, 50):
-        program = build(workload, {"policy": "talaria", "remo_rank": rank, "seed": seed})
+    for rank in ranks:
+        program = build(workload, {"policy": "talaria", "remo_rank": rank})
         label = f"remo m={rank or 'd'}"
         sent, bases = observe(program, workload.test), remo_bases(program)
         for index, (key, cut) in enumerate(test.items()):

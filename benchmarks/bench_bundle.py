@@ -43,12 +43,12 @@ def measure(name: str, model: torch.nn.Module, kwargs: dict, policy: str, repeat
         eager_s = timed(lambda: model(**kwargs), repeats)
         expected = model(**kwargs).last_hidden_state
     torch._dynamo.reset()
-    program = secure_split.split(model, (), kwargs, SplitConfig(policy=policy, seed=0))
+    program = secure_split.split(model, (), kwargs, SplitConfig(policy=policy))
     torch_s = timed(lambda: program(**kwargs), repeats)
     start = time.perf_counter()
     root = secure_split.export_bundle(program, (), tmp / f"{name}-{policy}")
     export_s = time.perf_counter() - start
-    session = secure_split.load_bundle(root, seed=1, key=f"{root}.key")
+    session = secure_split.load_bundle(root, key=f"{root}.key")
     bundle_s = timed(lambda: session(**tensors), repeats)
     error = (session(**tensors)[0] - expected).abs().max().item()
     size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())

@@ -33,7 +33,7 @@ def measure(model: torch.nn.Module, ids: torch.Tensor, policy: str, eager_s: flo
     """One policy on one model: the report's counts and the latency ratio."""
     torch._dynamo.reset()
     start = time.perf_counter()
-    program = secure_split.split(model, (ids,), {"use_cache": False}, SplitConfig(policy=policy, seed=0))
+    program = secure_split.split(model, (ids,), {"use_cache": False}, SplitConfig(policy=policy))
     build_s = time.perf_counter() - start
     latency = timed(lambda: program(ids, use_cache=False), repeats)
     report = program.report()

@@ -135,7 +135,7 @@ def main() -> None:
     for mechanism in MECHANISMS:
         for epsilon in EPSILONS:
             start = time.perf_counter()
-            sanitizer = Sanitizer(mechanism, epsilon, table, k=20, seed=0, special_ids=special, **options[mechanism])
+            sanitizer = Sanitizer(mechanism, epsilon, table, k=20, special_ids=special, **options[mechanism])
             setup_s = time.perf_counter() - start
             x, sanitize_s, model_s = encoder.embed(texts, sanitizer)
             replaced = sanitizer.replacement_rate

@@ -34,8 +34,8 @@ CLIENTS = (1, 2, 4, 8)
 
 
 def latency_row(policy: str, root: Path, url: str, inputs: dict, eager_s: float, repeats: int) -> dict:
-    local = secure_split.load_bundle(root, seed=1, key=f"{root}.key", precompute=repeats + 2)
-    remote = secure_split.load_bundle(root, seed=1, gpu=url, key=f"{root}.key", precompute=repeats + 3)
+    local = secure_split.load_bundle(root, key=f"{root}.key", precompute=repeats + 2)
+    remote = secure_split.load_bundle(root, gpu=url, key=f"{root}.key", precompute=repeats + 3)
     local_s = timed(lambda: local(**inputs), repeats)
     remote_s = timed(lambda: remote(**inputs), repeats)
     sent, received, payload = remote.worker.bytes_sent, remote.worker.bytes_received, remote.program.channel

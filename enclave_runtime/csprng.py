@@ -14,15 +14,16 @@ _TWO_PI = 2.0 * math.pi
 
 
 class CSPRNG:
-    """AES-256-CTR keystream. `seed=None` draws the key from the OS; an int derives it (reproducible runs only).
+    """AES-256-CTR keystream, keyed from `os.urandom`.
 
-    The stream never rewinds: every draw is fresh bytes, so two draws never share a mask. `domain` separates
-    streams derived from one seed (the sanitizer's noise must not repeat the masks' keystream).
+    The stream never rewinds: every draw is fresh bytes, so two draws never share a mask. `test_seed` (tests
+    only) derives the key from a public label instead, so anyone who knows it can rebuild every draw; `domain`
+    then keeps streams of one seed apart (the sanitizer's noise and each program's masks differ).
     """
 
-    def __init__(self, seed: int | None = None, domain: str = "csprng") -> None:
-        label = f"secure_split/{domain}/{seed}".encode()
-        key = os.urandom(32) if seed is None else hashlib.sha256(label).digest()
+    def __init__(self, domain: str = "csprng", test_seed: int | None = None) -> None:
+        label = f"secure_split/insecure-test-seed/{domain}/{test_seed}".encode()
+        key = os.urandom(32) if test_seed is None else hashlib.sha256(label).digest()
         self._stream = Cipher(algorithms.AES(key), modes.CTR(b"\x00" * 16)).encryptor()
         self.bytes_drawn = 0
 

@@ -67,7 +67,7 @@ class Sanitizer:
     """A token sanitizer over a model's embedding table `embeddings` (vocabulary × width).
 
     k: candidates per token (rnm: the tokens that get a semantic score; custext+: the cluster size).
-    seed: None draws a fresh CSPRNG key; an int makes the noise reproducible (tests, benchmarks).
+    test_seed: tests only: makes the noise reproducible, and predictable (`CSPRNG`); None keys it from the OS.
     special_ids: never replaced, never produced. frequencies (santext+): per-token counts that decide which
     tokens are sensitive (the fraction w least frequent); p (santext+): the probability that a non-sensitive
     token is sanitized. stopword_ids (custext+): kept as they are."""
@@ -78,7 +78,7 @@ class Sanitizer:
         epsilon: float,
         embeddings: torch.Tensor,
         k: int = 20,
-        seed: int | None = None,
+        test_seed: int | None = None,
         special_ids: Iterable[int] = (),
         frequencies: torch.Tensor | None = None,
         stopword_ids: Iterable[int] = (),
@@ -96,7 +96,7 @@ class Sanitizer:
         if not (0.0 <= p <= 1.0 and 0.0 <= w <= 1.0):
             raise ValueError(f"Sanitizer p and w must lie in [0, 1], got p={p!r}, w={w!r}")
         self.mechanism, self.epsilon, self.k, self.p = mechanism, float(epsilon), k, p
-        self.rng = CSPRNG(seed, domain="sanitizer")
+        self.rng = CSPRNG("sanitizer", test_seed)
         self.table = embeddings.detach().to(torch.float32).cpu()
         vocabulary = self.table.shape[0]
         self.special = _mask(vocabulary, special_ids)

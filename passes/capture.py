@@ -1,4 +1,8 @@
-"""Capture: turn the graph Dynamo hands a backend into a functional ATen graph with model state as constants."""
+"""Capture: turn the graph Dynamo hands a backend into a functional ATen graph with model state as constants.
+
+Only parameters and buffers are model state. Any other tensor the graph reads (an attribute set on a module,
+a global) is read at call time and may hold one request's data, so it stays a graph input, private like user
+data; state the model writes (`self.buf.copy_(x)`) is refused, since a constant cannot follow it."""
 
 from __future__ import annotations
 
@@ -11,17 +15,22 @@ from torch import fx
 from torch.func import functionalize
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from .meta import PARAM_NAMES, WEIGHTS
+from .meta import PARAM_NAMES, SOURCE, WEIGHTS
 
-InputKind = Literal["user", "parameter", "buffer", "constant", "symint"]
+InputKind = Literal["user", "parameter", "buffer", "symint"]
 
 
 _STATE_RE = re.compile(r"\.?_(modules|parameters|buffers)\['([^']+)'\]")
+_ARGUMENT_RE = re.compile(r"^L\['(?:args'\]\[(\d+)\]|kwargs'\]\['(\w+)'\]|(\w+)'\])$")
+
+
+class StateError(ValueError):
+    """The model writes its own state in the captured graph: a split program cannot keep it as a constant."""
 
 
 @dataclass(frozen=True)
 class InputSpec:
-    """One input of the captured graph: user data (private) or model state (public unless listed private)."""
+    """One input of the captured graph: per-call data (private) or model state (public unless listed private)."""
 
     kind: InputKind
     name: str
@@ -46,9 +55,17 @@ def _classify(node: fx.Node, value: Any) -> InputSpec:
         return InputSpec(kind, ".".join(name for _, name in parts))
     if isinstance(value, torch.nn.Parameter):
         return InputSpec("parameter", node.name)
-    if source.startswith("G[") or source.startswith("L['self']"):
-        return InputSpec("constant", source)
-    return InputSpec("user", source or node.name)
+    return InputSpec("user", source or node.name)  # arguments, and attributes or globals read at call time
+
+
+def argument_name(source: str) -> str | None:
+    """"L['args'][0]" -> "args[0]", "L['kwargs']['attention_mask']" or "L['attention_mask']" -> "attention_mask";
+    None for a source that is not a plain argument of the model (an attribute, a global)."""
+    match = _ARGUMENT_RE.match(source)
+    if match is None:
+        return None
+    position, keyword, plain = match.groups()
+    return f"args[{position}]" if position is not None else keyword or plain
 
 
 def lower_to_aten(gm: fx.GraphModule, inputs: list[Any]) -> fx.GraphModule:
@@ -68,8 +85,10 @@ def _mutates(node: fx.Node) -> bool:
 def lift_state(aten: fx.GraphModule, specs: list[InputSpec], inputs: list[Any]) -> fx.GraphModule:
     """Replace model-state placeholders by `get_attr` constants; keep only user tensors as graph inputs."""
     placeholders = [n for n in aten.graph.nodes if n.op == "placeholder"]
+    _refuse_written_state(placeholders, specs)
     for node, spec, value in zip(placeholders, specs, inputs, strict=True):
         if spec.kind == "user":
+            node.meta[SOURCE] = spec.name
             continue
         if not node.users:
             aten.graph.erase_node(node)
@@ -88,3 +107,24 @@ def lift_state(aten: fx.GraphModule, specs: list[InputSpec], inputs: list[Any]) 
     aten.graph.lint()
     aten.recompile()
     return aten
+
+
+def _refuse_written_state(placeholders: list[fx.Node], specs: list[InputSpec]) -> None:
+    """A buffer the model writes (functionalized to a trailing `copy_` into it) would freeze one call's data."""
+    written = [spec.name for node, spec in zip(placeholders, specs, strict=True)
+               if spec.kind != "user" and any(_writes(user, node) for user in node.users)]  # fmt: skip
+    if written:
+        raise StateError(
+            f"the model writes its state {written} in forward (e.g. self.buf.copy_(x)): a split program keeps model "
+            f"state as constants, so the first call's data would be frozen into the stages and reused by later "
+            f"calls. Keep per-request state out of the module (pass it as an input, return the new value)"
+        )
+
+
+def _writes(node: fx.Node, target: fx.Node) -> bool:
+    """Whether `node` writes into `target` (an argument its schema marks as written)."""
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or schema is None:
+        return False
+    return any(arg.alias_info is not None and arg.alias_info.is_write and value is target
+               for arg, value in zip(schema.arguments, node.args, strict=False))  # fmt: skip

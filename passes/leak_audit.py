@@ -23,7 +23,7 @@ from secure_split.enclave_runtime.masking import wire_dtype
 from .insert_masks import Cut, mask, unmask
 from .label import GPU, AffineOperatorSupport
 from .label_cmif import PROTECTION as CMIF_PROTECTION
-from .label_cmif import raw_token_nodes
+from .label_cmif import raw_token_nodes, refuse_undeclared_inputs
 from .meta import CUT, PRIVATE_PARAM, SIDE, TAINT, WEIGHTS
 from .rowwise import RowwiseSupport
 from .taint import PRIVATE, PUBLIC, SECRET, TaintPass, combine
@@ -42,8 +42,10 @@ def audit(
     private_globs: tuple[str, ...] = (),
     policy: str = "secureinfer",
     labelled: fx.GraphModule | None = None,
+    public_inputs: frozenset[str] = frozenset(),
 ) -> None:
-    """Raise `LeakError` naming the first violated invariant; return None when all hold.
+    """Raise `LeakError` naming the first violated invariant; return None when all hold. Graph inputs are
+    private but those named in `public_inputs` (declared public by the user).
 
     Under `policy="cmif"` private values cross with ε-DP protection instead of masks and GPU stages need not be
     affine, but no value computed from the raw token ids other than through the embedding may cross: the audit
@@ -57,7 +59,7 @@ def audit(
     def stage_taints(call: fx.Node, inputs: list[str]) -> list[str]:
         return _stage_taints(boundary.get_submodule(str(call.target)), call, inputs, private_globs, support)
 
-    audit_boundary(boundary, masking, policy, stage_taints)
+    audit_boundary(boundary, masking, policy, stage_taints, public_inputs)
 
 
 def required_protection(policy: str, masking: str) -> str:
@@ -70,10 +72,11 @@ def audit_boundary(
     masking: str,
     policy: str,
     stage_taints: StageTaints,
+    public_inputs: frozenset[str] = frozenset(),
 ) -> None:
     """The invariants that hold at the boundary whatever the stages compute, given `stage_taints`: the taint of
-    each output of a stage call from its arguments' (it may check the stage too). Graph inputs are private.
-    Every input of a GPU stage is a `mask` op of a value that derives from no private
+    each output of a stage call from its arguments' (it may check the stage too). Graph inputs are private but
+    those in `public_inputs`. Every input of a GPU stage is a `mask` op of a value that derives from no private
     parameter (invariants 1, 3); every cut has its op's direction, the masking's wire dtype and the protection
     `required_protection` names ("public" only for a public value); a masked value goes to GPU stages only; every
     GPU result comes back through `unmask`."""
@@ -81,7 +84,7 @@ def audit_boundary(
     taint: dict[fx.Node, str] = {}
     for node in boundary.graph.nodes:
         if node.op == "placeholder":
-            taint[node] = PRIVATE
+            taint[node] = PUBLIC if node.name in public_inputs else PRIVATE
         elif node.op == "call_module":
             on_gpu = node.meta.get(SIDE) == GPU
             if on_gpu:
@@ -107,6 +110,7 @@ def opaque_stage_taints(inputs: list[str], outputs: int, private_weights: bool) 
 def _check_no_raw_tokens_cross(boundary: fx.GraphModule, labelled: fx.GraphModule | None) -> None:
     if labelled is None:
         raise ValueError("auditing a cmif program needs its labelled graph")
+    refuse_undeclared_inputs(labelled)
     raw = {n.name for n in raw_token_nodes(labelled)}
     for node in boundary.graph.nodes:
         if node.target is mask and node.args[0].name in raw:

@@ -34,8 +34,11 @@ def split(
         return captured[-1]
 
     compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
-    with torch.no_grad():
-        compiled(*args, **(kwargs or {}))
+    try:
+        with torch.no_grad():
+            compiled(*args, **(kwargs or {}))
+    except torch._dynamo.exc.BackendCompilerFailed as error:  # a refusal raised while Dynamo compiled: say it plainly
+        raise error.inner_exception from None
     if not captured or captured[-1].last_program is None:
         raise RuntimeError("Dynamo did not hand the model's graph to secure_split (was it already compiled?)")
     program = captured[-1].last_program

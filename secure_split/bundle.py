@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import operator
-import re
 from collections.abc import Callable
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -41,6 +40,7 @@ from torch.utils._pytree import tree_leaves
 
 from secure_split.enclave_runtime.integrity import StageVerifier
 from secure_split.partitioner.stages import PartitionResult, StageSpec
+from secure_split.passes.capture import argument_name
 from secure_split.passes.insert_masks import Cut, mask, unmask
 from secure_split.passes.label_cmif import token_embeddings
 from secure_split.passes.leak_audit import LeakError
@@ -67,11 +67,11 @@ from .program import SplitProgram, make_sanitizer
 
 OPSET = 18
 RUNTIME_FIELDS = ("policy", "masking", "mask_scale", "remo_rank", "frac_bits", "activation_bound", "ring_kernel",
-                  "pool_empty", "verify", "epsilon", "sanitizer", "sanitizer_k", "special_token_ids")  # fmt: skip
+                  "pool_empty", "verify", "epsilon", "sanitizer", "sanitizer_k", "special_token_ids",
+                  "public_inputs")  # fmt: skip
 LOAD_OPTIONS = ("pool_empty", "precompute", "verify", "epsilon", "gpu_timeout_s", "gpu_retries")
 TOKEN_EMBEDDINGS = "enclave/token_embeddings.npy"
 EXTERNAL_DATA_BYTES = 1 << 20
-_SOURCE = re.compile(r"^L\['(?:args'\]\[(\d+)\]|kwargs'\]\['(\w+)'\]|(\w+)'\])$")
 
 
 def export_bundle(
@@ -115,6 +115,8 @@ def export_bundle(
             order = _output_order(model, program, bucket_args, bucket_kwargs)
             examples.append((program, order, f"b{batch}_t{seq}/" if buckets else ""))
     config = config or examples[0][0].config
+    if any(p.config.test_seed is not None for p, _, _ in examples):
+        raise ValueError("export_bundle: SplitConfig.test_seed makes masks predictable; a bundle is for deployment")
     total = sum(len(p.partition.stages) for p, _, _ in examples)
     written: list[dict[str, Any]] = []
     for program, order, prefix in examples:
@@ -140,7 +142,7 @@ def export_bundle(
 def load_bundle(
     path: str | Path,
     providers: list[str] | None = None,
-    seed: int | None = None,
+    test_seed: int | None = None,
     gpu: str | None = None,
     tls: TlsFiles | None = None,
     key: bytes | str | Path | None = None,
@@ -152,7 +154,7 @@ def load_bundle(
     the GPU worker at `gpu` ("grpc://HOST:PORT": `secure-split gpu-worker`, or Triton serving the stages;
     "grpcs://HOST:PORT" over TLS, with `tls` naming the worker's CA and, for mutual TLS, this client's cert and key).
 
-    `seed` makes the enclave's mask stream reproducible (tests, benchmarks); None draws a fresh key.
+    `test_seed` (tests only, never with `gpu`) makes the enclave's keys reproducible, and predictable.
     `options` are the SplitConfig fields a loader may choose (LOAD_OPTIONS, e.g. gpu_timeout_s=5); the rest
     were fixed at export.
 
@@ -165,7 +167,11 @@ def load_bundle(
     unknown = sorted(set(options) - set(LOAD_OPTIONS))
     if unknown:
         raise TypeError(f"load_bundle: {unknown} cannot be chosen at load time; options are {list(LOAD_OPTIONS)}")
-    config = SplitConfig(**{**manifest["config"], **options}, seed=seed, device="cpu")
+    if tls is not None and gpu is None:
+        raise ValueError("load_bundle: tls= secures the link to a GPU worker; pass gpu='grpcs://HOST:PORT' with it")
+    if test_seed is not None and gpu is not None:
+        raise ValueError("load_bundle: test_seed makes masks predictable; a remote GPU worker is never given them")
+    config = SplitConfig(**{**manifest["config"], **options}, test_seed=test_seed, device="cpu")
     check_masking(config, plaintext)
     worker = WorkerClient(gpu, config.gpu_timeout_s, tls) if gpu is not None else None
     gpu_side = [gpu] if gpu is not None else gpu_providers(providers)
@@ -461,12 +467,10 @@ def _producer() -> dict[str, Any]:
 
 
 def _argument_name(source: str) -> str:
-    """"L['args'][0]" -> "args[0]", "L['kwargs']['attention_mask']" or "L['attention_mask']" -> "attention_mask"."""
-    match = _SOURCE.match(source)
-    if match is None:
+    name = argument_name(source)
+    if name is None:
         raise NotImplementedError(f"graph input {source!r} is not a plain argument of the model: cannot bundle it")
-    position, keyword, plain = match.groups()
-    return f"args[{position}]" if position is not None else keyword or plain
+    return name
 
 
 

@@ -136,8 +136,8 @@ def _key_id(key: bytes) -> str:
 def audit_loaded(boundary: fx.GraphModule, bucket: dict[str, Any], config: SplitConfig) -> None:
     """Re-derive, trusting no label of the manifest, what the boundary rebuilt from `bucket` must protect, and
     refuse it (`LeakError`, `BundleError`) where a cut or stage falls short. Every stage is opaque: a value is
-    private if any of its stage's arguments is (graph inputs are), and an enclave stage that holds parameters
-    may hold private ones."""
+    private if any of its stage's arguments is (graph inputs are, but those `config.public_inputs` declares),
+    and an enclave stage that holds parameters may hold private ones."""
     entries = {stage["name"]: stage for stage in bucket["stages"]}
     for call in (n for n in boundary.graph.nodes if n.op == "call_module"):
         side = entries[str(call.target)]["side"]
@@ -149,7 +149,10 @@ def audit_loaded(boundary: fx.GraphModule, bucket: dict[str, Any], config: Split
         stage = entries[str(call.target)]
         return opaque_stage_taints(taints, len(stage["outputs"]), stage["side"] != GPU and bool(stage["parameters"]))
 
-    audit_boundary(boundary, config.masking, config.policy, stage_taints)
+    placeholders = [n.name for n in boundary.graph.nodes if n.op == "placeholder"]
+    named = zip(placeholders, bucket["inputs"], strict=True)
+    public = frozenset(p for p, entry in named if entry["name"] in config.public_inputs)
+    audit_boundary(boundary, config.masking, config.policy, stage_taints, public)
     _check_cut_shapes(boundary)
 
 

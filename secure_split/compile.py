@@ -9,7 +9,7 @@ from torch import fx
 
 from secure_split.partitioner.min_cut import MinCutLabelPass
 from secure_split.partitioner.stages import PartitionResult, build_partition
-from secure_split.passes.capture import InputSpec, lift_state, lower_to_aten
+from secure_split.passes.capture import InputSpec, argument_name, lift_state, lower_to_aten
 from secure_split.passes.fold_norm_scale import FoldNormScalePass
 from secure_split.passes.fold_public import FoldPublicPass
 from secure_split.passes.insert_masks import InsertMasksPass
@@ -18,10 +18,10 @@ from secure_split.passes.label_cmif import PROTECTION as CMIF_PROTECTION
 from secure_split.passes.label_cmif import CmifLabelPass
 from secure_split.passes.label_talaria import TalariaLabelPass
 from secure_split.passes.leak_audit import audit
-from secure_split.passes.meta import REASON, SIDE
+from secure_split.passes.meta import REASON, SIDE, SOURCE
 from secure_split.passes.ring_lower import RingHeadroom, RingLowerPass
 from secure_split.passes.rowwise import RemoRowwise
-from secure_split.passes.taint import TaintPass
+from secure_split.passes.taint import PUBLIC, TaintPass
 from secure_split.passes.weight_ops import SeparateWeightsPass
 
 from .config import SplitConfig
@@ -35,7 +35,8 @@ def compile_graph(gm: fx.GraphModule, specs: list[InputSpec], inputs: list[Any],
     partition = build_partition(label_graph(gm, specs, inputs, config))
     InsertMasksPass(config.masking, CMIF_PROTECTION if config.policy == "cmif" else None)(partition.boundary)
     _log("boundary graph", partition.boundary)
-    audit(partition.boundary, config.masking, config.private, config.policy, partition.labelled)
+    public = frozenset(name for name, taint in declared_public(partition.labelled, config).items() if taint == PUBLIC)
+    audit(partition.boundary, config.masking, config.private, config.policy, partition.labelled, public)
     if config.masking == "ring":
         _lower_to_ring(partition, config)
     program = SplitProgram(partition, config, [s.name for s in specs if s.kind == "user"])
@@ -60,7 +61,7 @@ def label_graph(gm: fx.GraphModule, specs: list[InputSpec], inputs: list[Any], c
     """Capture, taint, fold and label: the ATen graph with every node tagged enclave or gpu."""
     aten = lift_state(lower_to_aten(gm, inputs), specs, inputs)
     _log("captured ATen graph", aten)
-    TaintPass(config.private)(aten)
+    TaintPass(config.private, declared_public(aten, config))(aten)
     FoldPublicPass()(aten)
     if config.policy == "talaria":
         SeparateWeightsPass()(aten)
@@ -80,6 +81,12 @@ def label_graph(gm: fx.GraphModule, specs: list[InputSpec], inputs: list[Any], c
 
 
 LABEL_PASSES = {"cmif": CmifLabelPass, "talaria": TalariaLabelPass}
+
+
+def declared_public(gm: fx.GraphModule, config: SplitConfig) -> dict[str, str]:
+    """The graph inputs the user declared public (`SplitConfig.public_inputs`), by placeholder name."""
+    return {n.name: PUBLIC for n in gm.graph.nodes
+            if n.op == "placeholder" and argument_name(n.meta.get(SOURCE, "")) in config.public_inputs}  # fmt: skip
 
 
 def _masking_rules(config: SplitConfig) -> list:

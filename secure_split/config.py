@@ -17,6 +17,7 @@ POLICIES = ("secureinfer", "talaria", "cmif", "auto")
 DEFAULT_MASKING = {"secureinfer": "ring", "cmif": "none", "talaria": "remo", "auto": "ring"}
 MASKINGS = ("ring", "float", "remo", "none")
 POOL_EMPTY = ("online", "raise")
+CMIF_PUBLIC_INPUTS = ("attention_mask", "token_type_ids", "position_ids")
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,17 @@ class SplitConfig:
     precompute: keys for this many calls are put in the pool when a program is built (with torch.compile the
         program is built by the first call, which then already takes its keys from the pool).
     device: where GPU stages run; None picks "cuda" when available, else "cpu".
-    seed: None draws a fresh CSPRNG key; an int makes the mask stream reproducible (tests, benchmarks).
+    test_seed: TESTS ONLY. Masks, check vectors, sanitizer noise and sampling are always keyed from
+        `os.urandom`; an int here derives their keys from a public label instead, so anyone who knows it
+        rebuilds every mask. Every program built with it logs a warning; `export_bundle` and a remote GPU
+        worker refuse it.
     private: parameter-name globs (e.g. "*lora_*") whose parameters never leave the enclave.
+    public_inputs: the model arguments (keyword names, or "args[0]") that hold no private data: they may cross
+        to the GPU unmasked, and a Python number among them may be baked into stage code. Every other input is
+        private, and so is every int or float the caller passes: Dynamo bakes numbers into the graph as
+        constants, where a GPU stage would carry them in the clear, so `split()` refuses a private one (pass it
+        as a tensor: it is then masked). None: none, except under cmif, whose GPU runs everything after the
+        embedding: CMIF_PUBLIC_INPUTS (the attention mask, segment and position ids cross unmasked).
     min_gpu_flops: a GPU region with fewer FLOPs than this stays in the enclave (a round trip costs more).
     epsilon: cmif: the token sanitizer's ε per token (math.inf, the default: tokens are not sanitized, and the
         report warns).
@@ -79,8 +89,9 @@ class SplitConfig:
     verify: bool = False
     cost: Cost = field(default_factory=Cost)
     device: str | None = None
-    seed: int | None = None
+    test_seed: int | None = None
     private: tuple[str, ...] = field(default_factory=tuple)
+    public_inputs: tuple[str, ...] | None = None
     min_gpu_flops: int = 1
     epsilon: float = math.inf
     sanitizer: str = "rnm"
@@ -131,6 +142,8 @@ class SplitConfig:
         object.__setattr__(self, "special_token_ids", tuple(sorted({int(i) for i in self.special_token_ids})))
         if not (isinstance(self.gpu_timeout_s, int | float) and self.gpu_timeout_s > 0):
             raise ValueError(f"SplitConfig.gpu_timeout_s must be a positive number, got {self.gpu_timeout_s!r}")
+        if self.gpu_retries is None:
+            object.__setattr__(self, "gpu_retries", 2 if self.masking in ("ring", "none") else 0)
         if not (isinstance(self.gpu_retries, int) and self.gpu_retries >= 0):
             raise ValueError(f"SplitConfig.gpu_retries must be an int >= 0 or None, got {self.gpu_retries!r}")
         if self.gpu_retries and self.masking in ("float", "remo"):
@@ -143,13 +156,16 @@ class SplitConfig:
             object.__setattr__(self, "cost", Cost(**self.cost))
         if not isinstance(self.cost, Cost) or min(dataclasses.astuple(self.cost)) <= 0:
             raise ValueError(f"SplitConfig.cost must be a Cost with positive fields, got {self.cost!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise TypeError(f"SplitConfig.seed must be an int or None, got {type(self.seed).__name__}")
-        if isinstance(self.private, str):
-            object.__setattr__(self, "private", (self.private,))
+        if self.test_seed is not None and not isinstance(self.test_seed, int):
+            raise TypeError(f"SplitConfig.test_seed must be an int or None, got {type(self.test_seed).__name__}")
+        for name in ("private", "public_inputs"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, (value,))
         object.__setattr__(self, "private", tuple(self.private))
-        if self.gpu_retries is None:
-            object.__setattr__(self, "gpu_retries", 2 if self.masking in ("ring", "none") else 0)
+        if self.public_inputs is None:
+            object.__setattr__(self, "public_inputs", CMIF_PUBLIC_INPUTS if self.policy == "cmif" else ())
+        object.__setattr__(self, "public_inputs", tuple(self.public_inputs))
         if self.device is None:
             object.__setattr__(self, "device", "cuda" if torch.cuda.is_available() else "cpu")
         device = torch.device(self.device)

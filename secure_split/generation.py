@@ -87,7 +87,7 @@ class SplitGenerator:
         self.model = model
         self.config = config or SplitConfig()
         self.bucket = bucket
-        self.rng = CSPRNG(self.config.seed, domain="sampler")  # not the masks' keystream, even when seeded
+        self.rng = CSPRNG("sampler", self.config.test_seed)  # never the masks' keystream
         self.programs: dict[tuple, SplitProgram] = {}
         self.reports: dict[tuple, PartitionReport] = {}
         self.stats = GenerationStats()
@@ -237,7 +237,7 @@ def generate(
     if (config, bucket) not in generators:  # programs are reused across calls (Dynamo compiles each shape once)
         generators[(config, bucket)] = SplitGenerator(model, config, bucket)
     generator = generators[(config, bucket)]
-    generator.rng = CSPRNG(config.seed, domain="sampler")  # a seeded call samples the same tokens every time
+    generator.rng = CSPRNG("sampler", config.test_seed)  # a test-seeded call samples the same tokens every time
     return generator.generate(input_ids, max_new_tokens, attention_mask, **sampling)
 
 

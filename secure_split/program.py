@@ -82,7 +82,7 @@ class SplitProgram:
         self.boundary = partition.boundary
         self.cuts: list[Cut] = cuts(self.boundary)
         self.device = torch.device(config.device)
-        self.rng = CSPRNG(config.seed)
+        self.rng = _mask_stream(config, self._boundary_digest())
         self.masking = make_masking(
             config.masking, self.rng, config.mask_scale, config.frac_bits, config.activation_bound, config.remo_rank
         )
@@ -205,7 +205,7 @@ class SplitProgram:
     @cached_property
     def fingerprint(self) -> bytes:
         """What a pool is bound to: the boundary, every stage's code, and the GPU stages' public constants."""
-        digest = hashlib.sha256(repr(self.cuts).encode() + self.boundary.code.encode())
+        digest = self._boundary_digest()
         for spec in self.partition.stages:
             stage = self.partition.stage_module(spec)
             digest.update(stage.code.encode())
@@ -215,6 +215,9 @@ class SplitProgram:
         for name, basis in (self.remo.bases if self.remo is not None else {}).items():  # a pool fits its bases only
             digest.update(name.encode() + (b"identity" if basis is None else basis.numpy().tobytes()))
         return digest.digest()
+
+    def _boundary_digest(self) -> hashlib._Hash:
+        return hashlib.sha256(repr(self.cuts).encode() + self.boundary.code.encode())
 
     def _keys_for_call(self) -> CallKeys | None:
         if self.config.masking == "none":
@@ -300,8 +303,18 @@ def make_sanitizer(config: SplitConfig, table: Callable[[], torch.Tensor]) -> To
     """cmif's token sanitizer over the embedding table `table()` gives (ε = ∞: none, and the report warns)."""
     if math.isinf(config.epsilon):
         return IdentitySanitizer()
-    return Sanitizer(config.sanitizer, config.epsilon, table(), config.sanitizer_k, config.seed,
+    return Sanitizer(config.sanitizer, config.epsilon, table(), config.sanitizer_k, config.test_seed,
                      config.special_token_ids)  # fmt: skip
+
+
+def _mask_stream(config: SplitConfig, boundary: hashlib._Hash) -> CSPRNG:
+    """The program's key stream: from `os.urandom`; under a test seed, one domain per boundary, so that no two
+    programs (a generation's prefill and decode) share a keystream."""
+    if config.test_seed is None:
+        return CSPRNG()
+    log.warning("secure_split: SplitConfig.test_seed=%d: anyone who knows it can rebuild this program's masks "
+                "(tests only; never deploy it)", config.test_seed)  # fmt: skip
+    return CSPRNG(f"masks/{boundary.hexdigest()}", config.test_seed)
 
 
 def _draw(masking: MaskingScheme, cut: Cut) -> torch.Tensor:

@@ -21,7 +21,7 @@ from secure_split import SplitConfig
             ({"ring_kernel": "gpu"}, ValueError, "ring_kernel must be one of"),
         ({"masking": "xor"}, ValueError, "masking must be one of"),
         ({"mask_scale": 0}, ValueError, "positive"),
-        ({"seed": "abc"}, TypeError, "seed"),
+        ({"test_seed": "abc"}, TypeError, "test_seed"),
         ({"device": "tpu"}, (ValueError, RuntimeError), "device"),
         ({"nonsense": 1}, ValueError, "unknown secure_split option"),
     ],
@@ -40,7 +40,7 @@ def test_cuda_without_gpu_is_an_error():
 def test_half_precision_stays_in_enclave_and_report_says_why():
     model = tiny_model("bert").to(torch.float16)
     args, kwargs = tiny_inputs("bert")
-    program = secure_split.split(model, args, kwargs, SplitConfig(seed=0))
+    program = secure_split.split(model, args, kwargs, SplitConfig())
     report = program.report()
     assert report.gpu_nodes == 0 and report.cuts == 0
     assert any("float16" in reason for reason in report.kept_in_enclave)
@@ -66,7 +66,7 @@ class OddOps(torch.nn.Module):
 def test_unsupported_ops_stay_in_enclave():
     torch.manual_seed(0)
     model, x = OddOps().eval(), torch.randn(4, 32)
-    program = secure_split.split(model, (x,), config=SplitConfig(seed=0))
+    program = secure_split.split(model, (x,), config=SplitConfig())
     torch.testing.assert_close(program(x), model(x), atol=1e-3, rtol=1e-3)
     kept = program.report().kept_in_enclave
     for op in ("sort", "cumsum", "erf"):
@@ -77,7 +77,7 @@ def test_unsupported_ops_stay_in_enclave():
 def test_private_weights_never_cross():
     model = tiny_model("llama")
     args, kwargs = tiny_inputs("llama")
-    config = SplitConfig(seed=0, private=("layers.0.mlp.*", "norm.weight"))
+    config = SplitConfig(private=("layers.0.mlp.*", "norm.weight"))
     program = secure_split.split(model, args, kwargs, config)
     with torch.no_grad():
         ref = model(*args, **kwargs).last_hidden_state
@@ -94,7 +94,7 @@ def test_private_weights_never_cross():
 def test_calling_a_split_program_with_new_shapes_is_a_clear_error():
     model = tiny_model("bert")
     args, kwargs = tiny_inputs("bert", seq=16)
-    program = secure_split.split(model, args, kwargs, SplitConfig(seed=0))
+    program = secure_split.split(model, args, kwargs, SplitConfig())
     args2, kwargs2 = tiny_inputs("bert", seq=8)
     with pytest.raises(RuntimeError, match="did not run through the split program"):
         program(*args2, **kwargs2)
@@ -114,7 +114,7 @@ class ReturnsAConstant(torch.nn.Module):
 def test_public_outputs_are_returned_from_the_enclave():
     torch.manual_seed(0)
     model, x = ReturnsAConstant().eval(), torch.randn(3, 8)
-    program = secure_split.split(model, (x,), config=SplitConfig(seed=0))
+    program = secure_split.split(model, (x,), config=SplitConfig())
     out, const = program(x)
     ref, ref_const = model(x)
     torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-3)

@@ -26,14 +26,14 @@ def tensors(kwargs):
 def test_round_trip_equals_eager(name, policy, tmp_path):
     model = tiny_model(name)
     args, kwargs = tiny_inputs(name)
-    root = secure_split.export_bundle(model, args, tmp_path / "bundle", SplitConfig(policy=policy, seed=0), kwargs)
+    root = secure_split.export_bundle(model, args, tmp_path / "bundle", SplitConfig(policy=policy), kwargs)
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["version"] == 2 and manifest["config"]["policy"] == policy
     for stage in manifest["buckets"][0]["stages"]:
         assert (root / stage["file"]).is_file() and stage["file"].startswith(stage["side"] + "/")
     if policy == "talaria":
         assert all(s["parameters"] == [] for s in manifest["buckets"][0]["stages"] if s["side"] == "enclave")
-    session = secure_split.load_bundle(root, seed=1, key=f"{root}.key")
+    session = secure_split.load_bundle(root, key=f"{root}.key")
     out = session(*args, **tensors(kwargs))
     with torch.no_grad():
         expected = [t for t in model(*args, **kwargs).to_tuple() if isinstance(t, torch.Tensor)]
@@ -48,7 +48,7 @@ def test_minilm_round_trip(policy, tmp_path):
 
     model, tokenizer = load_minilm()
     kwargs = dict(tokenizer(SENTENCES, padding=True, return_tensors="pt"))
-    root = secure_split.export_bundle(model, (), tmp_path / "b", SplitConfig(policy=policy, seed=0), kwargs)
+    root = secure_split.export_bundle(model, (), tmp_path / "b", SplitConfig(policy=policy), kwargs)
     out = secure_split.load_bundle(root, key=f"{root}.key")(**kwargs)
     with torch.no_grad():
         expected = model(**kwargs).last_hidden_state
@@ -66,7 +66,7 @@ def bert_export(tmp_path_factory):
     """One export for the tests below, from a program (no re-split); each test works on its own copy."""
     model = tiny_model("bert")
     args, kwargs = tiny_inputs("bert")
-    program = secure_split.split(model, args, kwargs, SplitConfig(seed=0))
+    program = secure_split.split(model, args, kwargs, SplitConfig())
     root = secure_split.export_bundle(program, args, tmp_path_factory.mktemp("bert") / "bundle")
     return program, root, args, kwargs
 
@@ -97,7 +97,7 @@ def test_ring_gpu_stages_are_bit_exact_in_onnxruntime(bert_bundle):
 
 def test_bundle_output_equals_the_torch_program_and_serves_the_pool(bert_bundle):
     program, root, args, kwargs = bert_bundle
-    session = secure_split.load_bundle(root, seed=3, key=f"{root}.key")
+    session = secure_split.load_bundle(root, key=f"{root}.key")
     assert session.program.precompute(1) == 1
     out = session(*args, **tensors(kwargs))
     flat = [kwargs["attention_mask"], args[0]] if "attention_mask" in program.input_names[0] else [args[0]]
@@ -137,7 +137,7 @@ def test_missing_extra_and_schema_errors_are_refused(bert_bundle):
 def test_a_gpu_file_with_a_private_parameter_is_refused_at_export(tmp_path):
     model = tiny_model("bert")
     args, kwargs = tiny_inputs("bert")
-    program = secure_split.split(model, args, kwargs, SplitConfig(seed=0))  # split with no private weights
+    program = secure_split.split(model, args, kwargs, SplitConfig())  # split with no private weights
     private = SplitConfig(private=("encoder.layer.0.attention.self.query.*",))
     with pytest.raises(LeakError, match=r"gpu/stage\d+_gpu\.onnx would carry private parameter"):
         secure_split.export_bundle(program, args, tmp_path / "b", private)
@@ -161,7 +161,7 @@ def test_a_provider_that_cannot_serve_is_an_error_not_a_fallback(bert_bundle):
 def test_buckets_serve_other_batch_and_sequence_lengths(tmp_path):
     model = tiny_model("bert")
     args, kwargs = tiny_inputs("bert")
-    root = secure_split.export_bundle(model, args, tmp_path / "b", SplitConfig(seed=0), kwargs,
+    root = secure_split.export_bundle(model, args, tmp_path / "b", SplitConfig(), kwargs,
                                       buckets=[(2, 8), (3, 12)])  # fmt: skip
     session = secure_split.load_bundle(root, key=f"{root}.key")
     axes = session.manifest["dynamic_axes"]

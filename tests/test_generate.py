@@ -29,7 +29,7 @@ def prompt():
 def test_greedy_generation_is_token_identical_to_eager(name):
     model = tiny_lm(name)
     ids, mask = prompt()
-    generator = SplitGenerator(model, SplitConfig(seed=0), bucket=16)
+    generator = SplitGenerator(model, SplitConfig(), bucket=16)
     out = generator.generate(ids, 32, attention_mask=mask)
     with torch.no_grad():
         expected = model.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False)
@@ -66,13 +66,13 @@ def test_the_kv_cache_never_crosses_to_the_gpu():
 def test_sampling_uses_the_enclave_csprng_reproducibly():
     model = tiny_lm("llama")
     ids, mask = prompt()
-    runs = [secure_split.generate(model, ids, 8, SplitConfig(seed=7), mask, bucket=16, do_sample=True,
+    runs = [secure_split.generate(model, ids, 8, SplitConfig(test_seed=7), mask, bucket=16, do_sample=True,
                                   temperature=0.8, top_k=20, top_p=0.9) for _ in range(2)]  # fmt: skip
     assert torch.equal(runs[0], runs[1])
-    other = secure_split.generate(model, ids, 8, SplitConfig(seed=8), mask, bucket=16, do_sample=True)
+    other = secure_split.generate(model, ids, 8, SplitConfig(test_seed=8), mask, bucket=16, do_sample=True)
     assert not torch.equal(runs[0], other)
-    greedy = secure_split.generate(model, ids, 8, SplitConfig(seed=7), mask, bucket=16)
-    top1 = secure_split.generate(model, ids, 8, SplitConfig(seed=9), mask, bucket=16, do_sample=True, top_k=1)
+    greedy = secure_split.generate(model, ids, 8, SplitConfig(test_seed=7), mask, bucket=16)
+    top1 = secure_split.generate(model, ids, 8, SplitConfig(test_seed=9), mask, bucket=16, do_sample=True, top_k=1)
     assert torch.equal(top1, greedy)
 
 
@@ -91,7 +91,9 @@ def test_bad_generation_input_is_refused(ids, new, match):
 def test_a_compiled_model_works_inside_transformers_generate():
     """fullgraph=True: no graph break can move work elsewhere; each new cache length gets its own program."""
     model, reference = tiny_lm("gpt2"), tiny_lm("gpt2")
-    model.forward = torch.compile(model.forward, backend="secure_split", fullgraph=True)
+    # generate() passes logits_to_keep=1, a Python int Dynamo bakes into the graph: public, and declared so
+    options = {"public_inputs": ("logits_to_keep",)}
+    model.forward = torch.compile(model.forward, backend="secure_split", fullgraph=True, options=options)
     ids, mask = prompt()
     with torch.no_grad():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
@@ -103,7 +105,7 @@ def test_a_compiled_model_works_inside_transformers_generate():
 def test_the_pool_is_filled_for_a_whole_generation_ahead():
     model = tiny_lm("llama")
     ids, mask = prompt()
-    generator = SplitGenerator(model, SplitConfig(seed=0), bucket=16)
+    generator = SplitGenerator(model, SplitConfig(), bucket=16)
     pools = generator.precompute(ids, 12, attention_mask=mask)
     # 11 decode steps on caches of 8..18 positions: 9 in the bucket of 16, 2 in the bucket of 32
     assert pools == {("prefill", (2, 8)): 1, ("decode", (2, 1), 16): 9, ("decode", (2, 1), 32): 2}

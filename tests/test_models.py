@@ -28,7 +28,7 @@ def eager(model, args, kwargs):
 def test_split_matches_eager(name, masking):
     model = tiny_model(name)
     args, kwargs = tiny_inputs(name)
-    program = secure_split.split(model, args, kwargs, SplitConfig(masking=masking, seed=0))
+    program = secure_split.split(model, args, kwargs, SplitConfig(masking=masking))
     out = program(*args, **kwargs).last_hidden_state
     torch.testing.assert_close(out, eager(model, args, kwargs), **TOLERANCE[masking])
     report = program.report()
@@ -41,7 +41,7 @@ def test_split_matches_eager(name, masking):
 def test_other_families(name):
     model = tiny_model(name)
     args, kwargs = tiny_inputs(name)
-    program = secure_split.split(model, args, kwargs, SplitConfig(seed=0))
+    program = secure_split.split(model, args, kwargs, SplitConfig())
     out = program(*args, **kwargs).last_hidden_state
     torch.testing.assert_close(out, eager(model, args, kwargs), **TOLERANCE["ring"])
     assert program.report().round_trips > 0
@@ -50,7 +50,7 @@ def test_other_families(name):
 def test_repeated_calls_stay_correct_and_draw_fresh_masks():
     model = tiny_model("llama")
     args, kwargs = tiny_inputs("llama")
-    program = secure_split.split(model, args, kwargs, SplitConfig(seed=3))
+    program = secure_split.split(model, args, kwargs, SplitConfig())
     ref = eager(model, args, kwargs)
     seen = []
     for _ in range(3):
@@ -62,7 +62,7 @@ def test_repeated_calls_stay_correct_and_draw_fresh_masks():
 
 
 def test_report_counts_match_what_crossed():
-    program, trace, _, _ = split_and_trace("gpt2", seed=0)
+    program, trace, _, _ = split_and_trace("gpt2")
     report = program.report()
     data = report.to_dict()
     for key in ("enclave_nodes", "gpu_nodes", "cuts", "round_trips", "bytes_to_gpu", "bytes_to_enclave",
@@ -78,7 +78,7 @@ def test_report_counts_match_what_crossed():
 
 
 def test_activation_read_by_several_gpu_ops_crosses_once():
-    program, trace, _, _ = split_and_trace("llama", seed=0)
+    program, trace, _, _ = split_and_trace("llama")
     names = [r.name for r in trace.to_gpu()]
     assert len(names) == len(set(names))
     # Q, K and V read the same normed hidden state: one stage, one crossing for all three projections.
@@ -90,7 +90,7 @@ def test_activation_read_by_several_gpu_ops_crosses_once():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (GPU stages run on the CPU here)")
 def test_gpu_stages_on_cuda():
-    program, trace, args, kwargs = split_and_trace("llama", seed=0, device="cuda")
+    program, trace, args, kwargs = split_and_trace("llama", device="cuda")
     model = tiny_model("llama")
     torch.testing.assert_close(program(*args, **kwargs).last_hidden_state, eager(model, args, kwargs),
                                **TOLERANCE["ring"])  # fmt: skip

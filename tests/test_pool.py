@@ -14,7 +14,7 @@ from secure_split.program import PoolEmptyError
 def llama_program():
     model = tiny_model("llama")
     args, kwargs = tiny_inputs("llama")
-    return secure_split.split(model, args, kwargs, SplitConfig(seed=0)), args, kwargs
+    return secure_split.split(model, args, kwargs, SplitConfig()), args, kwargs
 
 
 def run_traced(program, args, kwargs):
@@ -50,7 +50,7 @@ def test_keys_are_refused_a_second_time(llama_program):
 def test_empty_pool_raises_when_configured():
     model = tiny_model("bert")
     args, kwargs = tiny_inputs("bert")
-    program = secure_split.split(model, args, kwargs, SplitConfig(seed=0, pool_empty="raise", precompute=2))
+    program = secure_split.split(model, args, kwargs, SplitConfig(pool_empty="raise", precompute=2))
     program(*args, **kwargs)  # split() ran the first call
     assert (program.pool_calls, program.online_calls) == (2, 0)
     with pytest.raises(PoolEmptyError, match="precompute"):
@@ -88,7 +88,7 @@ def test_pool_of_another_program_is_refused(llama_program, tmp_path):
     torch._dynamo.reset()
     model = tiny_model("llama", seed=5)  # same shapes, other weights: other unmask terms
     args, kwargs = tiny_inputs("llama")
-    other = secure_split.split(model, args, kwargs, SplitConfig(seed=0))
+    other = secure_split.split(model, args, kwargs, SplitConfig())
     other.pool = program.pool  # even under the same enclave key
     with pytest.raises(PoolError, match="another program"):
         other.load_pool(tmp_path / "pool.sealed")

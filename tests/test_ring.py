@@ -67,7 +67,7 @@ def gpu_stage_identity_holds(program, seed=0):
 
 @pytest.mark.parametrize("kernel", ["auto", "limbs"])
 def test_unmasking_is_exact_per_stage(kernel):
-    program, _, _, _ = split_and_trace("llama", seed=0, ring_kernel=kernel)
+    program, _, _, _ = split_and_trace("llama", ring_kernel=kernel)
     gpu_stage_identity_holds(program)
 
 
@@ -82,35 +82,35 @@ def precompute_zero_masks(program):
 def test_ring_output_is_bit_identical_to_the_unmasked_integer_reference():
     model = tiny_model("gpt2")
     args, kwargs = tiny_inputs("gpt2")
-    program = secure_split.split(model, args, kwargs, SplitConfig(seed=0))
+    program = secure_split.split(model, args, kwargs, SplitConfig())
     masked = program(*args, **kwargs).last_hidden_state
     precompute_zero_masks(program)
     with secure_split.trace_boundary() as trace:
         reference = program(*args, **kwargs).last_hidden_state
     assert torch.equal(masked, reference)
     assert max(r.tensor.abs().max().item() for r in trace.to_gpu()) < 4096 * 2**16  # really unmasked
-    other_seed = secure_split.split(model, args, kwargs, SplitConfig(seed=1))(*args, **kwargs).last_hidden_state
-    assert torch.equal(masked, other_seed)
+    other_keys = secure_split.split(model, args, kwargs, SplitConfig())(*args, **kwargs).last_hidden_state
+    assert torch.equal(masked, other_keys)
 
 
 def test_limb_kernel_program_matches_int64_program():
     model = tiny_model("bert")
     args, kwargs = tiny_inputs("bert")
-    native = secure_split.split(model, args, kwargs, SplitConfig(seed=0, ring_kernel="int64"))
-    limbs = secure_split.split(model, args, kwargs, SplitConfig(seed=0, ring_kernel="limbs"))
+    native = secure_split.split(model, args, kwargs, SplitConfig(ring_kernel="int64"))
+    limbs = secure_split.split(model, args, kwargs, SplitConfig(ring_kernel="limbs"))
     assert torch.equal(native(*args, **kwargs).last_hidden_state, limbs(*args, **kwargs).last_hidden_state)
 
 
 def test_what_would_overflow_stays_in_the_enclave_and_the_lowering_refuses_it():
     model = tiny_model("llama")
     args, kwargs = tiny_inputs("llama")
-    program = secure_split.split(model, args, kwargs, SplitConfig(seed=0))  # RoPE after q/k: 3·20 bits + weights
+    program = secure_split.split(model, args, kwargs, SplitConfig())  # RoPE after q/k: 3·20 bits + weights
     kept = program.report().kept_in_enclave
     assert kept[HEADROOM] == 8  # the cos and sin products of q and k, 2 layers
     with torch.no_grad():
         torch.testing.assert_close(program(*args, **kwargs).last_hidden_state, model(*args, **kwargs).last_hidden_state,
                                    atol=5e-4, rtol=1e-3)  # fmt: skip
-    wide = secure_split.split(model, args, kwargs, SplitConfig(seed=0, frac_bits=28))
+    wide = secure_split.split(model, args, kwargs, SplitConfig(frac_bits=28))
     assert wide.report().kept_in_enclave[HEADROOM] > kept[HEADROOM]  # now the projections too
     # The lowering itself re-checks every bound: a float-labelled stage does not fit 28 bits.
     float_program = secure_split.split(model, args, kwargs, SplitConfig(masking="float"))
@@ -145,7 +145,7 @@ def chi2_same_distribution(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_ring_masked_tensors_are_uniform_and_input_independent():
-    program, trace, args, kwargs = split_and_trace("gpt2", seed=0)
+    program, trace, args, kwargs = split_and_trace("gpt2")
     masked = trace.to_gpu()
     assert all(r.tensor.dtype == torch.int64 for r in masked)
     all_bytes = torch.cat([r.tensor.flatten().view(torch.uint8) for r in masked]).long()
@@ -185,7 +185,7 @@ class NoisyMLP(torch.nn.Module):
 def test_a_public_run_time_input_of_a_gpu_stage(masking):
     torch.manual_seed(0)
     model, x = NoisyMLP().eval(), torch.randn(4, 16)
-    program = secure_split.split(model, (x,), config=SplitConfig(masking=masking, seed=0))
+    program = secure_split.split(model, (x,), config=SplitConfig(masking=masking))
     program.precompute(1)
     with torch.no_grad():
         torch.testing.assert_close(program(x), model(x), atol=1e-4, rtol=1e-4)
@@ -193,4 +193,4 @@ def test_a_public_run_time_input_of_a_gpu_stage(masking):
     if masking == "ring":  # computed in the enclave, sent encoded (float: computed on the GPU itself)
         assert program.report().protection["public"] == 1
         with pytest.raises(NotImplementedError, match="public value"):
-            secure_split.split(model, (x,), config=SplitConfig(seed=0, verify=True))
+            secure_split.split(model, (x,), config=SplitConfig(verify=True))

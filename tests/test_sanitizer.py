@@ -19,8 +19,8 @@ def table():
     return torch.randn(VOCAB, WIDTH, generator=torch.Generator().manual_seed(0))
 
 
-def sanitizer(mechanism, epsilon, table, seed=0, **options):
-    return Sanitizer(mechanism, epsilon, table, k=10, seed=seed, special_ids=SPECIAL, **options)
+def sanitizer(mechanism, epsilon, table, test_seed=0, **options):
+    return Sanitizer(mechanism, epsilon, table, k=10, test_seed=test_seed, special_ids=SPECIAL, **options)
 
 
 def tokens(n, seed=1):
@@ -50,7 +50,7 @@ def test_the_replacement_rate_falls_as_epsilon_grows(mechanism, table):
 def test_the_output_distribution_matches_the_mechanism(mechanism, epsilon, table):
     """20,000 draws for one token against the exact probabilities (chi-square); a wrong ε is rejected."""
     token, n = 7, 20_000
-    s = sanitizer(mechanism, epsilon, table, seed=5)
+    s = sanitizer(mechanism, epsilon, table, test_seed=5)
     counts = torch.bincount(s.sanitize(torch.full((n,), token)), minlength=VOCAB).double()
     probs = s.probabilities(token)
     assert probs.sum().item() == pytest.approx(1.0, abs=1e-5)
@@ -76,9 +76,9 @@ def _p_value(counts, probs):
 @pytest.mark.parametrize("mechanism", MECHANISMS)
 def test_same_seed_same_output_and_specials_untouched(mechanism, table):
     ids = torch.cat([tokens(400), torch.tensor(SPECIAL)])
-    a = sanitizer(mechanism, 1.0, table, seed=9).sanitize(ids)
-    assert torch.equal(a, sanitizer(mechanism, 1.0, table, seed=9).sanitize(ids))
-    assert not torch.equal(a, sanitizer(mechanism, 1.0, table, seed=10).sanitize(ids))
+    a = sanitizer(mechanism, 1.0, table, test_seed=9).sanitize(ids)
+    assert torch.equal(a, sanitizer(mechanism, 1.0, table, test_seed=9).sanitize(ids))
+    assert not torch.equal(a, sanitizer(mechanism, 1.0, table, test_seed=10).sanitize(ids))
     assert torch.equal(a[-2:], torch.tensor(SPECIAL))  # never replaced
     assert not torch.isin(a[:-2], torch.tensor(SPECIAL)).any()  # never produced
 
@@ -109,7 +109,7 @@ def test_bad_arguments_are_refused(table):
 def _sanitized_twice(model, config, ids):
     """What the program's own sanitizer gives on its second call (split() runs the program once to capture)."""
     s = Sanitizer(config.sanitizer, config.epsilon, model.get_input_embeddings().weight, config.sanitizer_k,
-                  config.seed, config.special_token_ids)  # fmt: skip
+                  config.test_seed, config.special_token_ids)  # fmt: skip
     s.sanitize(ids)
     return s.sanitize(ids)
 
@@ -118,7 +118,7 @@ def _sanitized_twice(model, config, ids):
 def test_cmif_runs_the_model_on_sanitized_tokens_and_reports_epsilon(name):
     model = tiny_model(name)
     args, kwargs = tiny_inputs(name)
-    program = secure_split.split(model, args, kwargs, SplitConfig(policy="cmif", epsilon=8.0, seed=3))
+    program = secure_split.split(model, args, kwargs, SplitConfig(policy="cmif", epsilon=8.0, test_seed=3))
     with secure_split.trace_boundary() as trace:
         out = program(*args, **kwargs)
     clean = _sanitized_twice(model, program.config, args[0])
@@ -136,10 +136,10 @@ def test_cmif_runs_the_model_on_sanitized_tokens_and_reports_epsilon(name):
 def test_cmif_bundle_sanitizes_in_the_enclave(tmp_path):
     model = tiny_model("bert")
     args, kwargs = tiny_inputs("bert")
-    config = SplitConfig(policy="cmif", epsilon=4.0, sanitizer="custext+", seed=0)
+    config = SplitConfig(policy="cmif", epsilon=4.0, sanitizer="custext+")
     root = secure_split.export_bundle(model, args, tmp_path / "b", config, kwargs)
     assert (root / "enclave" / "token_embeddings.npy").is_file()
-    session = secure_split.load_bundle(root, seed=11, key=f"{root}.key")
+    session = secure_split.load_bundle(root, key=f"{root}.key", test_seed=11)
     out = session(*args, **kwargs)
     loaded = session.program.config
     assert loaded.epsilon == 4.0 and loaded.sanitizer == "custext+" and loaded.special_token_ids == (0,)

@@ -28,7 +28,7 @@ def first_output(out) -> torch.Tensor:
 def test_talaria_matches_eager_with_every_weight_on_the_gpu(name):
     model = tiny_lm(name)
     args, kwargs = tiny_inputs(name)
-    program = secure_split.split(model, args, kwargs, SplitConfig(policy="talaria", seed=0))
+    program = secure_split.split(model, args, kwargs, SplitConfig(policy="talaria"))
     with secure_split.trace_boundary() as trace:
         out = first_output(program(*args, **kwargs))
     with torch.no_grad():
@@ -66,7 +66,7 @@ def test_remo_unmask_terms_equal_the_stage_on_the_mask():
     """P·R, with R = f(Q) - f(0) from the GPU, is L(P·Q) = f(P·Q) - f(0), which the enclave could not compute."""
     model = tiny_lm("llama")
     args, kwargs = tiny_inputs("llama")  # 32 rows, width 64: each basis needs two GPU runs
-    program = secure_split.split(model, args, kwargs, SplitConfig(policy="talaria", seed=0))
+    program = secure_split.split(model, args, kwargs, SplitConfig(policy="talaria"))
     masks, terms = program.remo.draw()
     for call in program._gpu_calls:
         stage = program.boundary.get_submodule(str(call.target))
@@ -80,7 +80,7 @@ def test_remo_below_full_rank_leaves_the_complement_of_the_basis_in_the_clear():
     model = tiny_lm("gpt2")
     args, kwargs = tiny_inputs("gpt2")
     rank = 16
-    program = secure_split.split(model, args, kwargs, SplitConfig(policy="talaria", remo_rank=rank, seed=0))
+    program = secure_split.split(model, args, kwargs, SplitConfig(policy="talaria", remo_rank=rank))
     with secure_split.trace_boundary() as trace:
         out = first_output(program(*args, **kwargs))
     with torch.no_grad():
@@ -100,7 +100,7 @@ def test_remo_below_full_rank_leaves_the_complement_of_the_basis_in_the_clear():
 def test_remo_keys_come_from_the_pool_and_are_fresh_per_call():
     model = tiny_lm("bert")
     args, kwargs = tiny_inputs("bert")
-    config = SplitConfig(policy="talaria", seed=0, precompute=3, pool_empty="raise")
+    config = SplitConfig(policy="talaria", precompute=3, pool_empty="raise")
     program = secure_split.split(model, args, kwargs, config)  # its capture call takes one entry
     assert len(program.pool) == 2
     sent = []
@@ -118,7 +118,7 @@ def test_remo_keys_come_from_the_pool_and_are_fresh_per_call():
 def test_secureinfer_with_remo_masks_keeps_only_row_wise_work_on_the_gpu():
     model = tiny_lm("llama")
     args, kwargs = tiny_inputs("llama")
-    program = secure_split.split(model, args, kwargs, SplitConfig(masking="remo", seed=0))
+    program = secure_split.split(model, args, kwargs, SplitConfig(masking="remo"))
     with torch.no_grad():
         torch.testing.assert_close(first_output(program(*args, **kwargs)), first_output(model(*args, **kwargs)),
                                    **TOLERANCE)  # fmt: skip

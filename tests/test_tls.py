@@ -154,6 +154,8 @@ def test_tls_settings_that_do_not_fit_are_refused(bundle, pki, tmp_path):
         _load(bundle, gpu="grpcs://127.0.0.1:1")
     with pytest.raises(ValueError, match="plaintext grpc:// address; use grpcs://"):
         _load(bundle, gpu="grpc://127.0.0.1:1", tls=TlsFiles(pki / "ca.pem"))
+    with pytest.raises(ValueError, match="secures the link to a GPU worker"):  # no worker: tls would do nothing
+        _load(bundle, tls=TlsFiles(pki / "ca.pem"))
     with pytest.raises(SystemExit, match="--tls-cert and --tls-key go together"):
         main(["gpu-worker", "--bundle", str(bundle[0]), "--tls-cert", str(pki / "server.pem")])
 

@@ -13,7 +13,7 @@ from secure_split.enclave_runtime.integrity import IntegrityError
 def verified():
     model = tiny_model("bert")
     args, kwargs = tiny_inputs("bert")
-    program = secure_split.split(model, args, kwargs, SplitConfig(seed=0, verify=True))
+    program = secure_split.split(model, args, kwargs, SplitConfig(verify=True))
     with torch.no_grad():
         reference = model(*args, **kwargs).last_hidden_state
     return program, args, kwargs, reference

@@ -29,7 +29,7 @@ def bert(tmp_path_factory):
     """A tiny BERT bundle (ring masks, verification files), its GPU-only copy, the model and its inputs."""
     model = tiny_model("bert")
     args, kwargs = tiny_inputs("bert")
-    program = secure_split.split(model, args, kwargs, SplitConfig(seed=0, verify=True))
+    program = secure_split.split(model, args, kwargs, SplitConfig(verify=True))
     root = secure_split.export_bundle(program, args, tmp_path_factory.mktemp("bert") / "bundle")
     gpu_only = shutil.copytree(root, root.parent / "gpu_only", ignore=shutil.ignore_patterns("enclave"))
     with torch.no_grad():
@@ -176,8 +176,8 @@ def test_a_tampering_worker_is_caught_with_verify(bert):
     running = start_worker(bert[1], tampering=True)
     try:
         key = f"{bert[0]}.key"
-        honest = secure_split.load_bundle(bert[0], seed=3, verify=False, key=key)(*bert[2], attention_mask=bert[3])
-        unchecked = secure_split.load_bundle(bert[0], gpu=running.url, seed=3, verify=False, key=key)
+        honest = secure_split.load_bundle(bert[0], verify=False, key=key)(*bert[2], attention_mask=bert[3])
+        unchecked = secure_split.load_bundle(bert[0], gpu=running.url, verify=False, key=key)
         out = unchecked(*bert[2], attention_mask=bert[3])  # same masks; without checks the wrong answer goes through
         assert not torch.equal(out[0], honest[0])
         checked = secure_split.load_bundle(bert[0], gpu=running.url, key=key)  # exported with verify=True
