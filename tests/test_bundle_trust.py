@@ -9,6 +9,7 @@ import stat
 
 import pytest
 import torch
+from tiny_models import TokenMlp
 
 import secure_split
 from secure_split import BundleError, SplitConfig
@@ -19,17 +20,6 @@ from secure_split.runtime.worker import GpuWorker
 CPU = ["CPUExecutionProvider"]
 
 
-class TokenMlp(torch.nn.Module):
-    """Embedding, then two linear layers around a ReLU: two GPU stages, every cut ring-masked and checked."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = torch.nn.Embedding(32, 16)
-        self.up = torch.nn.Linear(16, 16)
-        self.down = torch.nn.Linear(16, 8)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.down(torch.relu(self.up(self.embed(ids))))
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +63,10 @@ def test_the_key_file_is_private_and_outside_and_a_round_trip_with_it_equals_eag
     model, ids, root = exported
     key = root.with_name("bundle.key")
     assert stat.S_IMODE(key.stat().st_mode) == 0o600 and (root / "manifest.json.hmac").is_file()
-    out = secure_split.load_bundle(root, key=key)(ids=ids)
+    out = secure_split.load_bundle(root, key=key)(input_ids=ids)
     with torch.no_grad():
         torch.testing.assert_close(out[0], model(ids), atol=1e-4, rtol=1e-4)
-    out = secure_split.load_bundle(root, key=bytes.fromhex(key.read_text()))(ids=ids)  # the key as bytes
+    out = secure_split.load_bundle(root, key=bytes.fromhex(key.read_text()))(input_ids=ids)  # the key as bytes
     torch.testing.assert_close(out[0], model(ids), atol=1e-4, rtol=1e-4)
 
 

@@ -13,6 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from tiny_models import TokenMlp
 from workers import start_worker
 
 import secure_split
@@ -66,17 +67,6 @@ def pki(tmp_path_factory):
     return directory
 
 
-class TokenMlp(torch.nn.Module):
-    """Embedding, then two linear layers: two GPU stages, and an export four times quicker than a tiny BERT's."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = torch.nn.Embedding(32, 16)
-        self.up = torch.nn.Linear(16, 32)
-        self.down = torch.nn.Linear(32, 8)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.down(torch.relu(self.up(self.embed(input_ids))))
 
 
 @pytest.fixture(scope="module")
