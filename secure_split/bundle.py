@@ -60,7 +60,15 @@ from secure_split.runtime.manifest import (
 from secure_split.runtime.remote import RemoteStage, WorkerClient
 from secure_split.runtime.tls import TlsFiles
 
-from .bundle_trust import audit_loaded, authenticated_manifest, check_masking, check_plan, export_key, sign_manifest
+from .bundle_trust import (
+    audit_loaded,
+    authenticated_manifest,
+    check_masking,
+    check_plan,
+    export_key,
+    sign_manifest,  # fmt: skip
+    write_key,
+)
 from .config import SplitConfig
 from .onnx_stage import CPU, OnnxStage, gpu_providers
 from .program import SplitProgram, make_sanitizer
@@ -100,8 +108,11 @@ def export_bundle(
     root = Path(path)
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} is not empty: a bundle is written into a new or empty directory")
+    chosen = model.config if isinstance(model, SplitProgram) else config
+    if chosen is not None and chosen.test_seed is not None:
+        raise ValueError("export_bundle: SplitConfig.test_seed makes masks predictable; a bundle is for deployment")
+    signing_key, new_key_file = export_key(key, root)
     root.mkdir(parents=True, exist_ok=True)
-    signing_key = export_key(key, root)
     if isinstance(model, SplitProgram):
         if buckets:
             raise ValueError("buckets need the model (one split per bucket), not a SplitProgram")
@@ -115,8 +126,6 @@ def export_bundle(
             order = _output_order(model, program, bucket_args, bucket_kwargs)
             examples.append((program, order, f"b{batch}_t{seq}/" if buckets else ""))
     config = config or examples[0][0].config
-    if any(p.config.test_seed is not None for p, _, _ in examples):
-        raise ValueError("export_bundle: SplitConfig.test_seed makes masks predictable; a bundle is for deployment")
     total = sum(len(p.partition.stages) for p, _, _ in examples)
     written: list[dict[str, Any]] = []
     for program, order, prefix in examples:
@@ -136,6 +145,8 @@ def export_bundle(
     }
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2))
     sign_manifest(root, signing_key)
+    if new_key_file is not None:
+        write_key(signing_key, new_key_file)
     return root
 
 

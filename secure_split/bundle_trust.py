@@ -45,26 +45,36 @@ def key_path(root: Path) -> Path:
     return root.with_name(root.name + ".key")
 
 
-def export_key(key: bytes | str | Path | None, root: Path) -> bytes:
-    """The key that signs the bundle at `root`: `key` itself (bytes), the key in the file `key` names, or a fresh
-    one written there (None: to `key_path(root)`, which must not exist yet)."""
+def export_key(key: bytes | str | Path | None, root: Path) -> tuple[bytes, Path | None]:
+    """The key that signs the bundle at `root`, and where to write it once the bundle is written (None: it is
+    kept already): `key` itself (bytes), the key in the file `key` names, or a fresh one for that file (None:
+    `key_path(root)`, which must not exist yet). Checked before the export's work, written after it, so that a
+    failed export leaves no key behind."""
     if isinstance(key, bytes):
-        return _checked(key, "key")
+        return _checked(key, "key"), None
     path = key_path(root) if key is None else Path(key)
     if path.resolve().is_relative_to(root.resolve()):
         raise ValueError(f"{path}: a bundle's key is kept outside the bundle it authenticates")
     if key is not None and path.exists():
-        return read_key(path)
-    fresh = os.urandom(KEY_BYTES)
+        return read_key(path), None
+    if path.exists() or path.is_symlink():
+        raise FileExistsError(_KEY_EXISTS.format(path=path))
+    return os.urandom(KEY_BYTES), path
+
+
+def write_key(key: bytes, path: Path) -> None:
+    """A fresh key file, readable by its owner only; never over an existing file."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # created readable by its owner only
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError as error:
-        raise FileExistsError(f"{path} exists: pass export_bundle(..., key={str(path)!r}) to sign with that "
-                              "key, or remove it for a fresh one") from error  # fmt: skip
+        raise FileExistsError(_KEY_EXISTS.format(path=path)) from error
     with os.fdopen(fd, "w") as f:
-        f.write(fresh.hex() + "\n")
-    log.info("secure_split: wrote the key of bundle %s to %s; load_bundle needs it (key=...)", root, path)
-    return fresh
+        f.write(key.hex() + "\n")
+    log.info("secure_split: wrote a bundle key to %s; load_bundle needs it (key=...)", path)
+
+
+_KEY_EXISTS = ("{path} exists: pass export_bundle(..., key='{path}') to sign with that key, or remove it for a "
+               "fresh one")  # fmt: skip
 
 
 def read_key(key: bytes | str | Path) -> bytes:

@@ -20,8 +20,6 @@ from secure_split.runtime.worker import GpuWorker
 CPU = ["CPUExecutionProvider"]
 
 
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """One verify=True bundle, signed with a fresh key that export_bundle writes beside it."""

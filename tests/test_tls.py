@@ -67,8 +67,6 @@ def pki(tmp_path_factory):
     return directory
 
 
-
-
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     """A bundle of `TokenMlp`, its input (by name, as `secure-split run` passes it) and the eager output."""

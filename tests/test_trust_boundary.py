@@ -103,6 +103,7 @@ def test_test_seed_warns_for_every_program_and_is_refused_by_bundles_and_workers
     assert sum("test_seed=0" in r.getMessage() for r in caplog.records) == 1
     with pytest.raises(ValueError, match="test_seed"):
         secure_split.export_bundle(model, args, tmp_path / "b", SplitConfig(test_seed=0), kwargs)
+    assert not (tmp_path / "b.key").exists() and not (tmp_path / "b").exists()  # a refused export leaves nothing
     with pytest.raises(TypeError):
         SplitConfig(seed=0)  # the old option that keyed masks from a public label is gone
 
