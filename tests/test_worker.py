@@ -224,13 +224,15 @@ def test_the_gramine_manifest_template_renders_to_toml(tmp_path):
     template = Path(enclave.__file__).with_name("gramine") / "secure_split_enclave.manifest.template"
     site = Path(torch.__file__).parents[1]
     values = {"entrypoint": sys.executable, "log_level": "error", "arch_libdir": "/lib/x86_64-linux-gnu",
-              "bundle": str(tmp_path / "bundle"), "gpu_worker": "grpc://10.0.0.2:8001", "sealed": str(tmp_path),
+              "bundle": str(tmp_path / "bundle"), "gpu_worker": "grpcs://10.0.0.2:8001", "sealed": str(tmp_path),
               "env": {}, "gramine": {"libos": "/usr/lib/gramine/libsysdb.so",
                                      "runtimedir": lambda: "/usr/lib/gramine/runtime"},
               "python": {"get_sys_path": lambda _: [site]}}  # fmt: skip
     manifest = tomllib.loads(jinja2.Template(template.read_text()).render(**values))
-    assert manifest["loader"]["argv"][-6:] == ["run", "/bundle", "--key", "/sealed/bundle.key", "--gpu",
-                                               "grpc://10.0.0.2:8001"]  # fmt: skip
+    assert manifest["loader"]["argv"][-12:] == ["run", "/bundle", "--key", "/sealed/bundle.key", "--gpu",
+                                                "grpcs://10.0.0.2:8001", "--tls-ca", "/sealed/worker_ca.pem",
+                                                "--tls-cert", "/sealed/client.pem", "--tls-key",
+                                                "/sealed/client.key"]  # fmt: skip
     assert f"file:{tmp_path / 'bundle'}/" in manifest["sgx"]["trusted_files"]
     assert {"type": "encrypted", "path": "/sealed", "uri": f"file:{tmp_path}", "key_name": "_sgx_mrenclave"} in (
         manifest["fs"]["mounts"]
