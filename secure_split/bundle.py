@@ -66,7 +66,7 @@ from .bundle_trust import (
     check_masking,
     check_plan,
     export_key,
-    sign_manifest,  # fmt: skip
+    sign_manifest,
     write_key,
 )
 from .config import SplitConfig

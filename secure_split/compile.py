@@ -35,7 +35,7 @@ def compile_graph(gm: fx.GraphModule, specs: list[InputSpec], inputs: list[Any],
     partition = build_partition(label_graph(gm, specs, inputs, config))
     InsertMasksPass(config.masking, CMIF_PROTECTION if config.policy == "cmif" else None)(partition.boundary)
     _log("boundary graph", partition.boundary)
-    public = frozenset(name for name, taint in declared_public(partition.labelled, config).items() if taint == PUBLIC)
+    public = declared_public(partition.labelled, config)
     audit(partition.boundary, config.masking, config.private, config.policy, partition.labelled, public)
     if config.masking == "ring":
         _lower_to_ring(partition, config)
@@ -61,7 +61,7 @@ def label_graph(gm: fx.GraphModule, specs: list[InputSpec], inputs: list[Any], c
     """Capture, taint, fold and label: the ATen graph with every node tagged enclave or gpu."""
     aten = lift_state(lower_to_aten(gm, inputs), specs, inputs)
     _log("captured ATen graph", aten)
-    TaintPass(config.private, declared_public(aten, config))(aten)
+    TaintPass(config.private, dict.fromkeys(declared_public(aten, config), PUBLIC))(aten)
     FoldPublicPass()(aten)
     if config.policy == "talaria":
         SeparateWeightsPass()(aten)
@@ -83,10 +83,10 @@ def label_graph(gm: fx.GraphModule, specs: list[InputSpec], inputs: list[Any], c
 LABEL_PASSES = {"cmif": CmifLabelPass, "talaria": TalariaLabelPass}
 
 
-def declared_public(gm: fx.GraphModule, config: SplitConfig) -> dict[str, str]:
-    """The graph inputs the user declared public (`SplitConfig.public_inputs`), by placeholder name."""
-    return {n.name: PUBLIC for n in gm.graph.nodes
-            if n.op == "placeholder" and argument_name(n.meta.get(SOURCE, "")) in config.public_inputs}  # fmt: skip
+def declared_public(gm: fx.GraphModule, config: SplitConfig) -> frozenset[str]:
+    """The names of the graph inputs the user declared public (`SplitConfig.public_inputs`)."""
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return frozenset(n.name for n in inputs if argument_name(n.meta.get(SOURCE, "")) in config.public_inputs)
 
 
 def _masking_rules(config: SplitConfig) -> list:

@@ -158,14 +158,11 @@ class SplitConfig:
             raise ValueError(f"SplitConfig.cost must be a Cost with positive fields, got {self.cost!r}")
         if self.test_seed is not None and not isinstance(self.test_seed, int):
             raise TypeError(f"SplitConfig.test_seed must be an int or None, got {type(self.test_seed).__name__}")
-        for name in ("private", "public_inputs"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                object.__setattr__(self, name, (value,))
-        object.__setattr__(self, "private", tuple(self.private))
         if self.public_inputs is None:
             object.__setattr__(self, "public_inputs", CMIF_PUBLIC_INPUTS if self.policy == "cmif" else ())
-        object.__setattr__(self, "public_inputs", tuple(self.public_inputs))
+        for name in ("private", "public_inputs"):  # one name alone, or any iterable of names
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         if self.device is None:
             object.__setattr__(self, "device", "cuda" if torch.cuda.is_available() else "cpu")
         device = torch.device(self.device)

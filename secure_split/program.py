@@ -82,7 +82,7 @@ class SplitProgram:
         self.boundary = partition.boundary
         self.cuts: list[Cut] = cuts(self.boundary)
         self.device = torch.device(config.device)
-        self.rng = _mask_stream(config, self._boundary_digest())
+        self.rng = _mask_stream(config, self._boundary_digest)
         self.masking = make_masking(
             config.masking, self.rng, config.mask_scale, config.frac_bits, config.activation_bound, config.remo_rank
         )
@@ -307,14 +307,14 @@ def make_sanitizer(config: SplitConfig, table: Callable[[], torch.Tensor]) -> To
                      config.special_token_ids)  # fmt: skip
 
 
-def _mask_stream(config: SplitConfig, boundary: hashlib._Hash) -> CSPRNG:
+def _mask_stream(config: SplitConfig, boundary: Callable[[], hashlib._Hash]) -> CSPRNG:
     """The program's key stream: from `os.urandom`; under a test seed, one domain per boundary, so that no two
     programs (a generation's prefill and decode) share a keystream."""
     if config.test_seed is None:
         return CSPRNG()
     log.warning("secure_split: SplitConfig.test_seed=%d: anyone who knows it can rebuild this program's masks "
                 "(tests only; never deploy it)", config.test_seed)  # fmt: skip
-    return CSPRNG(f"masks/{boundary.hexdigest()}", config.test_seed)
+    return CSPRNG(f"masks/{boundary().hexdigest()}", config.test_seed)
 
 
 def _draw(masking: MaskingScheme, cut: Cut) -> torch.Tensor:
