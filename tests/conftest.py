@@ -1,4 +1,9 @@
 import os
+import sys
+from pathlib import Path
+
+# Test files live in folders mirroring the packages; the shared fixtures (tiny_models, workers) live here.
+sys.path.insert(0, str(Path(__file__).parent))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

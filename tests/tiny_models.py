@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import torch
+from torch import fx
 
+from secure_split.compile import label_graph
+from secure_split.config import SplitConfig
+from secure_split.passes.capture import classify_inputs
 from secure_split.tiny import CONFIGS, DECODERS, VOCAB, tiny_inputs, tiny_model
 
-__all__ = ["CONFIGS", "DECODERS", "VOCAB", "TokenMlp", "split_and_trace", "tiny_inputs", "tiny_model"]
+__all__ = ["CONFIGS", "DECODERS", "VOCAB", "TokenMlp", "labelled_graph", "split_and_trace", "tiny_inputs", "tiny_model"]
 
 
 class TokenMlp(torch.nn.Module):
@@ -33,3 +37,16 @@ def split_and_trace(name: str, **config):
     with secure_split.trace_boundary() as trace:
         program(*args, **kwargs)
     return program, trace, args, kwargs
+
+
+def labelled_graph(model: torch.nn.Module, x: torch.Tensor, private=(), **config) -> fx.GraphModule:
+    """`model` captured on `x` and labelled under `SplitConfig(private=private, **config)`."""
+    captured = []
+
+    def backend(gm, example_inputs):
+        captured.append((gm, list(example_inputs), classify_inputs(gm, example_inputs)))
+        return gm
+
+    torch.compile(model, backend=backend, fullgraph=True, dynamic=False)(x)
+    gm, inputs, specs = captured[0]  # Dynamo drops the placeholders' sources once the backend returns
+    return label_graph(gm, specs, inputs, SplitConfig(private=private, **config))

@@ -36,7 +36,7 @@ print(json.dumps(result))
 
 
 def test_backend_found_through_entry_point_without_import():
-    script = SCRIPT.format(tests=str(Path(__file__).parent))
+    script = SCRIPT.format(tests=str(Path(__file__).parents[1]))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -3,8 +3,7 @@
 import peft
 import pytest
 import torch
-from test_leak_audit import labelled_graph
-from tiny_models import tiny_inputs, tiny_model
+from tiny_models import labelled_graph, tiny_inputs, tiny_model
 
 import secure_split
 from secure_split import SplitConfig

@@ -2,12 +2,10 @@
 
 import pytest
 import torch
+from tiny_models import labelled_graph
 from torch import fx
 
-from secure_split.compile import label_graph
-from secure_split.config import SplitConfig
 from secure_split.partitioner.stages import build_partition
-from secure_split.passes.capture import classify_inputs
 from secure_split.passes.insert_masks import InsertMasksPass, mask
 from secure_split.passes.label import GPU
 from secure_split.passes.leak_audit import LeakError, audit
@@ -17,18 +15,6 @@ from secure_split.passes.meta import SIDE
 def mlp() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)).eval()
-
-
-def labelled_graph(model, x, private=(), **config):
-    captured = []
-
-    def backend(gm, example_inputs):
-        captured.append((gm, list(example_inputs), classify_inputs(gm, example_inputs)))
-        return gm
-
-    torch.compile(model, backend=backend, fullgraph=True, dynamic=False)(x)
-    gm, inputs, specs = captured[0]  # Dynamo drops the placeholders' sources once the backend returns
-    return label_graph(gm, specs, inputs, SplitConfig(private=private, **config))
 
 
 def finish(aten, masking="float", private=(), policy="secureinfer"):
