@@ -68,6 +68,12 @@ def argument_name(source: str) -> str | None:
     return f"args[{position}]" if position is not None else keyword or plain
 
 
+def capture_dynamo(gm: fx.GraphModule, specs: list[InputSpec], inputs: list[Any]) -> fx.GraphModule:
+    """The captured form the compiler takes: a functional ATen graph of the Dynamo graph `gm` on `inputs`, whose
+    placeholders are the user inputs (their SOURCE in `node.meta`) and whose model state is `get_attr` constants."""
+    return lift_state(lower_to_aten(gm, inputs), specs, inputs)
+
+
 def lower_to_aten(gm: fx.GraphModule, inputs: list[Any]) -> fx.GraphModule:
     """Trace `gm` to ATen ops on concrete inputs; functionalize only when the graph mutates something."""
     with torch.no_grad():

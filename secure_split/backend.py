@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from secure_split.passes.capture import InputSpec, argument_name, classify_inputs
+from secure_split.passes.capture import InputSpec, argument_name, capture_dynamo, classify_inputs
 from secure_split.passes.leak_audit import LeakError
 
 from .compile import compile_graph
@@ -34,7 +34,7 @@ class SplitCompiledFunction:
         key = self._signature(inputs)
         program = self.programs.get(key)
         if program is None:
-            program = compile_graph(self.gm, self.specs, list(inputs), self.config)
+            program = compile_graph(capture_dynamo(self.gm, self.specs, list(inputs)), self.config)
             self.programs[key] = program
         self.last_program = program
         return program.run(*(x for x, s in zip(inputs, self.specs, strict=True) if s.kind == "user"))

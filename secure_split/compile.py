@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from torch import fx
 
 from secure_split.partitioner.min_cut import MinCutLabelPass
 from secure_split.partitioner.stages import PartitionResult, build_partition
-from secure_split.passes.capture import InputSpec, argument_name, lift_state, lower_to_aten
+from secure_split.passes.capture import argument_name
 from secure_split.passes.fold_norm_scale import FoldNormScalePass
 from secure_split.passes.fold_public import FoldPublicPass
 from secure_split.passes.insert_masks import InsertMasksPass
@@ -30,16 +29,18 @@ from .program import SplitProgram
 log = logging.getLogger("secure_split")
 
 
-def compile_graph(gm: fx.GraphModule, specs: list[InputSpec], inputs: list[Any], config: SplitConfig) -> SplitProgram:
-    """Split one Dynamo graph, specialized to the shapes of `inputs`, into an audited `SplitProgram`."""
-    partition = build_partition(label_graph(gm, specs, inputs, config))
+def compile_graph(captured: fx.GraphModule, config: SplitConfig) -> SplitProgram:
+    """Split one captured graph (`passes.capture`: static shapes, user inputs as placeholders, model state as
+    constants) into an audited `SplitProgram`."""
+    partition = build_partition(label_graph(captured, config))
     InsertMasksPass(config.masking, CMIF_PROTECTION if config.policy == "cmif" else None)(partition.boundary)
     _log("boundary graph", partition.boundary)
     public = declared_public(partition.labelled, config)
     audit(partition.boundary, config.masking, config.private, config.policy, partition.labelled, public)
     if config.masking == "ring":
         _lower_to_ring(partition, config)
-    program = SplitProgram(partition, config, [s.name for s in specs if s.kind == "user"])
+    sources = [n.meta[SOURCE] for n in partition.labelled.graph.nodes if n.op == "placeholder"]
+    program = SplitProgram(partition, config, sources)
     if config.masking == "none" and config.policy != "cmif" and program.cuts:
         log.warning("secure_split: masking='none': activations cross to the GPU in plaintext (baseline only)")
     if log.isEnabledFor(logging.INFO):  # a report walks the whole graph: build it only to print it
@@ -57,9 +58,8 @@ def _lower_to_ring(partition: PartitionResult, config: SplitConfig) -> None:
             _log(f"{spec.module_name} in Z_2^64", lowered)
 
 
-def label_graph(gm: fx.GraphModule, specs: list[InputSpec], inputs: list[Any], config: SplitConfig) -> fx.GraphModule:
-    """Capture, taint, fold and label: the ATen graph with every node tagged enclave or gpu."""
-    aten = lift_state(lower_to_aten(gm, inputs), specs, inputs)
+def label_graph(aten: fx.GraphModule, config: SplitConfig) -> fx.GraphModule:
+    """Taint, fold and label a captured graph: every node tagged enclave or gpu (in place; returned)."""
     _log("captured ATen graph", aten)
     TaintPass(config.private, dict.fromkeys(declared_public(aten, config), PUBLIC))(aten)
     FoldPublicPass()(aten)

@@ -7,7 +7,7 @@ from torch import fx
 
 from secure_split.compile import label_graph
 from secure_split.config import SplitConfig
-from secure_split.passes.capture import classify_inputs
+from secure_split.passes.capture import capture_dynamo, classify_inputs
 from secure_split.tiny import CONFIGS, DECODERS, VOCAB, tiny_inputs, tiny_model
 
 __all__ = ["CONFIGS", "DECODERS", "VOCAB", "TokenMlp", "labelled_graph", "split_and_trace", "tiny_inputs", "tiny_model"]
@@ -49,4 +49,4 @@ def labelled_graph(model: torch.nn.Module, x: torch.Tensor, private=(), **config
 
     torch.compile(model, backend=backend, fullgraph=True, dynamic=False)(x)
     gm, inputs, specs = captured[0]  # Dynamo drops the placeholders' sources once the backend returns
-    return label_graph(gm, specs, inputs, SplitConfig(private=private, **config))
+    return label_graph(capture_dynamo(gm, specs, inputs), SplitConfig(private=private, **config))
