@@ -28,7 +28,8 @@ import torch
 from bench_overhead import save_results
 
 from secure_split.demo import load_minilm
-from secure_split.enclave_runtime.sanitizer import MECHANISMS, Sanitizer
+from secure_split.enclave_runtime.sanitizer import MECHANISMS, make_token_sanitizer
+from secure_split.enclave_runtime.sanitizer_base import VocabularySanitizer
 
 EPSILONS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, math.inf)  # the issue's grid, plus 32 and 64 for rnm
 BATCH, MAX_TOKENS = 64, 64
@@ -66,7 +67,9 @@ class Encoder:
     def tokens(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt"))
 
-    def embed(self, texts: list[str], sanitizer: Sanitizer | None = None) -> tuple[torch.Tensor, float, float]:
+    def embed(
+        self, texts: list[str], sanitizer: VocabularySanitizer | None = None
+    ) -> tuple[torch.Tensor, float, float]:
         """Embeddings of `texts` (tokens sanitized first), seconds in the sanitizer, seconds in the model."""
         out, sanitize_s, model_s = [], 0.0, 0.0
         for i in range(0, len(texts), BATCH):
@@ -84,7 +87,7 @@ class Encoder:
         return torch.cat(out), sanitize_s, model_s
 
 
-    def sanitize_only(self, texts: list[str], sanitizer: Sanitizer) -> float:
+    def sanitize_only(self, texts: list[str], sanitizer: VocabularySanitizer) -> float:
         """Seconds the sanitizer alone takes on `texts`, batch by batch."""
         total = 0.0
         for i in range(0, len(texts), BATCH):
@@ -135,7 +138,7 @@ def main() -> None:
     for mechanism in MECHANISMS:
         for epsilon in EPSILONS:
             start = time.perf_counter()
-            sanitizer = Sanitizer(mechanism, epsilon, table, k=20, special_ids=special, **options[mechanism])
+            sanitizer = make_token_sanitizer(mechanism, epsilon, table, k=20, special_ids=special, **options[mechanism])
             setup_s = time.perf_counter() - start
             x, sanitize_s, model_s = encoder.embed(texts, sanitizer)
             replaced = sanitizer.replacement_rate

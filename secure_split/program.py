@@ -29,7 +29,7 @@ from secure_split.enclave_runtime.csprng import CSPRNG
 from secure_split.enclave_runtime.integrity import StageVerifier, required_bits
 from secure_split.enclave_runtime.masking import MaskingScheme, RemoMasking, hide, make_masking, reveal
 from secure_split.enclave_runtime.pool import CallKeys, KeyPool
-from secure_split.enclave_runtime.sanitizer import IdentitySanitizer, Sanitizer, TokenSanitizer
+from secure_split.enclave_runtime.sanitizer import IdentitySanitizer, TokenSanitizer, make_token_sanitizer
 from secure_split.partitioner.stages import PartitionResult, StageSpec
 from secure_split.passes.insert_masks import Cut, cuts, mask, unmask
 from secure_split.passes.label_cmif import token_embeddings, token_inputs
@@ -303,8 +303,8 @@ def make_sanitizer(config: SplitConfig, table: Callable[[], torch.Tensor]) -> To
     """cmif's token sanitizer over the embedding table `table()` gives (ε = ∞: none, and the report warns)."""
     if math.isinf(config.epsilon):
         return IdentitySanitizer()
-    return Sanitizer(config.sanitizer, config.epsilon, table(), config.sanitizer_k, config.test_seed,
-                     config.special_token_ids)  # fmt: skip
+    return make_token_sanitizer(config.sanitizer, config.epsilon, table(), config.sanitizer_k, config.test_seed,
+                                config.special_token_ids)  # fmt: skip
 
 
 def _mask_stream(config: SplitConfig, boundary: Callable[[], hashlib._Hash]) -> CSPRNG:

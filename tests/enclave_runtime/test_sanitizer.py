@@ -9,7 +9,10 @@ from tiny_models import tiny_inputs, tiny_model
 
 import secure_split
 from secure_split import SplitConfig
-from secure_split.enclave_runtime.sanitizer import MECHANISMS, Sanitizer
+from secure_split.enclave_runtime.sanitizer import MECHANISMS, SANITIZERS, make_token_sanitizer
+from secure_split.enclave_runtime.sanitizer_custext import CusTextPlus
+from secure_split.enclave_runtime.sanitizer_rnm import ReportNoisyMax
+from secure_split.enclave_runtime.sanitizer_santext import SanTextPlus
 
 VOCAB, WIDTH, SPECIAL = 300, 16, (0, 1)
 
@@ -20,7 +23,7 @@ def table():
 
 
 def sanitizer(mechanism, epsilon, table, test_seed=0, **options):
-    return Sanitizer(mechanism, epsilon, table, k=10, test_seed=test_seed, special_ids=SPECIAL, **options)
+    return make_token_sanitizer(mechanism, epsilon, table, k=10, test_seed=test_seed, special_ids=SPECIAL, **options)
 
 
 def tokens(n, seed=1):
@@ -97,19 +100,34 @@ def test_the_plus_variants_leave_their_words_alone(table):
 
 def test_bad_arguments_are_refused(table):
     with pytest.raises(ValueError, match="mechanism must be one of"):
-        Sanitizer("laplace", 1.0, table)
+        make_token_sanitizer("laplace", 1.0, table)
     with pytest.raises(ValueError, match="epsilon must be a positive number"):
-        Sanitizer("rnm", 0.0, table)
+        make_token_sanitizer("rnm", 0.0, table)
     with pytest.raises(ValueError, match=r"token ids must lie in \[0, 300\)"):
         sanitizer("rnm", 1.0, table).sanitize(torch.tensor([VOCAB]))
     with pytest.raises(ValueError, match="sets cmif's token sanitizer"):
         SplitConfig(epsilon=1.0)
 
 
+def test_each_mechanism_has_its_class_and_takes_only_its_own_options(table):
+    assert list(SANITIZERS.items()) == [("rnm", ReportNoisyMax), ("santext+", SanTextPlus), ("custext+", CusTextPlus)]
+    assert MECHANISMS == ("rnm", "santext+", "custext+")
+    for mechanism, cls in SANITIZERS.items():
+        s = sanitizer(mechanism, 1.0, table)
+        assert type(s) is cls and s.mechanism == mechanism
+    with pytest.raises(ValueError, match=r"'rnm' takes the options \[\], not \['p'\]"):
+        sanitizer("rnm", 1.0, table, p=0.5)
+    with pytest.raises(ValueError, match=r"'custext\+' takes the options \['stopword_ids'\], not \['frequencies'\]"):
+        sanitizer("custext+", 1.0, table, frequencies=torch.ones(VOCAB))
+    with pytest.raises(ValueError, match="p and w must lie in"):
+        sanitizer("santext+", 1.0, table, w=1.5)
+    assert secure_split.Sanitizer is make_token_sanitizer  # the public name builds by mechanism
+
+
 def _sanitized_twice(model, config, ids):
     """What the program's own sanitizer gives on its second call (split() runs the program once to capture)."""
-    s = Sanitizer(config.sanitizer, config.epsilon, model.get_input_embeddings().weight, config.sanitizer_k,
-                  config.test_seed, config.special_token_ids)  # fmt: skip
+    s = make_token_sanitizer(config.sanitizer, config.epsilon, model.get_input_embeddings().weight,
+                             config.sanitizer_k, config.test_seed, config.special_token_ids)  # fmt: skip
     s.sanitize(ids)
     return s.sanitize(ids)
 
@@ -143,7 +161,7 @@ def test_cmif_bundle_sanitizes_in_the_enclave(tmp_path):
     out = session(*args, **kwargs)
     loaded = session.program.config
     assert loaded.epsilon == 4.0 and loaded.sanitizer == "custext+" and loaded.special_token_ids == (0,)
-    s = Sanitizer("custext+", 4.0, model.get_input_embeddings().weight, 20, 11, (0,))
+    s = make_token_sanitizer("custext+", 4.0, model.get_input_embeddings().weight, 20, 11, (0,))
     with torch.no_grad():
         torch.testing.assert_close(out[0], model(s.sanitize(args[0]), **kwargs)[0], atol=1e-5, rtol=1e-5)
     plain = secure_split.load_bundle(root, key=f"{root}.key", epsilon=math.inf)(*args, **kwargs)
