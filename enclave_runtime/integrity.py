@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from secure_split.passes.ring_lower import RING_BOUNDS, RING_SHAPES
+from secure_split.passes.meta import RING_BOUNDS, RING_SHAPES
 
 from .csprng import CSPRNG
 

@@ -13,8 +13,9 @@ from typing import Protocol
 
 import torch
 
+from secure_split.passes.ring import check_bound, decode, encode
+
 from .csprng import CSPRNG
-from .fixed_point import check_bound, decode, encode
 
 # A value whose largest |x| encodes below 2^10 keeps fewer than 10 significant bits: even its largest entry is
 # resolved to worse than 0.1 % (2^-10), and every smaller one worse still.
@@ -140,11 +141,6 @@ class NoMasking(_FloatingPoint):
 
     def draw(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         raise RuntimeError("masking='none' draws no masks")
-
-
-def wire_dtype(masking: str, dtype: torch.dtype) -> torch.dtype:
-    """The dtype a value of `dtype` has on the wire: ring carries floating-point values as int64."""
-    return torch.int64 if masking == "ring" and dtype.is_floating_point else dtype
 
 
 def hide(value: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -12,17 +12,17 @@ from __future__ import annotations
 import torch
 from torch import fx
 from torch._subclasses import FakeTensorMode
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx.passes.infra.pass_base import PassResult
 
 from .label import packet
 from .meta import PARAM_NAMES, PRIVATE_PARAM, TAINT, WEIGHTS
-from .taint import PRIVATE, PUBLIC
+from .taint import PRIVATE, PUBLIC, TaintedGraphPass
 
 aten = torch.ops.aten
 ROW_OPS = {aten.view, aten._unsafe_view, aten.reshape, aten.alias, aten.clone, aten.slice, aten.select}
 
 
-class FoldNormScalePass(PassBase):
+class FoldNormScalePass(TaintedGraphPass):
     """Rewrites `mm`/`addmm` readers of x̂·γ(+β) to read x̂ with folded weights; see the module docstring."""
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import torch
 from torch import fx
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx.passes.infra.pass_base import PassResult
 
 from .meta import PARAM_NAMES, PRIVATE_PARAM, TAINT, WEIGHTS
-from .taint import PUBLIC
+from .taint import PUBLIC, TaintedGraphPass
 
 
-class FoldPublicPass(PassBase):
+class FoldPublicPass(TaintedGraphPass):
     """Replaces public call_function nodes (TaintPass first) by `get_attr` constants holding their value."""
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:

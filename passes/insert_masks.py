@@ -3,6 +3,10 @@
 The pass rewrites the boundary graph (the one that calls the stage submodules). Each `mask`/`unmask` node
 carries the `Cut` it implements in `node.meta`; the runtime gives them their meaning. A value read by several
 GPU stages is masked (and crosses) once.
+
+`mask` and `unmask` are the ops `torch.ops.secure_split.mask` and `.unmask`, registered here: the runtime
+interprets them by identity (`node.target is mask`); run as they are, they raise, and on fake tensors they
+give a value like their input.
 """
 
 from __future__ import annotations
@@ -15,10 +19,10 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from secure_split.enclave_runtime.masking import wire_dtype
-
+from .infra import require, require_meta
 from .label import GPU
 from .meta import CUT, SIDE, STAGE, TAINT
+from .ring import wire_dtype
 from .taint import PUBLIC
 
 MASKED = ("ring", "float", "remo")
@@ -63,14 +67,20 @@ def _non_overlapping(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     return True
 
 
-def mask(value: torch.Tensor) -> torch.Tensor:
-    """Boundary op: hide `value` and send it to the GPU. Only the secure_split runtime executes it."""
-    raise RuntimeError("secure_split mask op executed outside the secure_split runtime")
+def _boundary_op(name: str, doc: str) -> torch._ops.OpOverloadPacket:
+    """Register `torch.ops.secure_split.<name>(Tensor value) -> Tensor`, which only the runtime gives a meaning."""
+
+    def outside_the_runtime(value: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(f"secure_split {name} op executed outside the secure_split runtime")
+
+    outside_the_runtime.__doc__ = doc
+    op = torch.library.custom_op(f"secure_split::{name}", outside_the_runtime, mutates_args=())
+    op.register_fake(torch.empty_like)
+    return getattr(torch.ops.secure_split, name)
 
 
-def unmask(value: torch.Tensor) -> torch.Tensor:
-    """Boundary op: bring a GPU result back to the enclave and remove its mask."""
-    raise RuntimeError("secure_split unmask op executed outside the secure_split runtime")
+mask = _boundary_op("mask", "Boundary op: hide `value` and send it to the GPU.")
+unmask = _boundary_op("unmask", "Boundary op: bring a GPU result back to the enclave and remove its mask.")
 
 
 def cuts(boundary: fx.GraphModule) -> list[Cut]:
@@ -85,6 +95,26 @@ class InsertMasksPass(PassBase):
         super().__init__()
         self.masking = masking
         self.protection = protection or masking
+
+    def requires(self, graph_module: fx.GraphModule) -> None:
+        """A boundary graph (`build_partition`): stage calls with their side and stage, read by index."""
+        calls = [n for n in graph_module.graph.nodes if n.op == "call_module"]
+        require(self, bool(calls), "needs a boundary graph that calls stage submodules (build_partition)")
+        require_meta(self, calls, SIDE, "needs the side of every stage call")
+        require_meta(self, calls, STAGE, "needs the stage index of every stage call")
+        values = {v for c in calls if c.meta[SIDE] == GPU for v in c.all_input_nodes}
+        values |= {u for c in calls if c.meta[SIDE] == GPU for u in c.users}
+        require_meta(self, values, "val", "needs the value (meta 'val') of every GPU stage input and output")
+        require_meta(self, values, TAINT, "needs the taint of every GPU stage input and output")
+        require(self, not any(n.target in (mask, unmask) for n in graph_module.graph.nodes), "masks already in")
+
+    def ensures(self, graph_module: fx.GraphModule) -> None:
+        """Every GPU stage input is a `mask` node and every boundary op carries its cut."""
+        calls = [n for n in graph_module.graph.nodes if n.op == "call_module" and n.meta[SIDE] == GPU]
+        bare = [v.name for c in calls for v in c.all_input_nodes if v.target is not mask]
+        require(self, not bare, f"GPU stage inputs {bare} are not masked")
+        ops = [n for n in graph_module.graph.nodes if n.target in (mask, unmask)]
+        require_meta(self, ops, CUT, "every mask and unmask carries its cut")
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         graph = graph_module.graph

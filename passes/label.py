@@ -9,15 +9,17 @@ enough compute stays in the enclave.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import fx
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx.passes.infra.pass_base import PassResult
+from torch.fx.passes.operator_support import OperatorSupportBase
 
 from .flops import node_flops
+from .infra import AnnotationPass, require
 from .meta import REASON, SIDE, TAINT
-from .taint import PRIVATE, PUBLIC, SECRET
+from .taint import PRIVATE, PUBLIC, SECRET, require_tainted
 
 aten = torch.ops.aten
 ENCLAVE, GPU = "enclave", "gpu"
@@ -49,8 +51,28 @@ def is_compute(node: fx.Node) -> bool:
     return packet(node) in COMPUTE_OPS
 
 
-class AffineOperatorSupport:
-    """Decides whether a private node is affine in its private inputs with all other inputs public."""
+class ReasonedSupport(OperatorSupportBase):
+    """A torch.fx operator support that keeps the reason of each decision, by node name, in `reasons`.
+
+    `check(node) -> (ok, reason)` is the detailed entry; `is_node_supported` (torch's interface, for
+    partitioners and the `operator_support` combinators) calls it on ops and records its reason. A node that is
+    not an op (an input, a constant, the output) is not supported: it is no work to place."""
+
+    def __init__(self) -> None:
+        self.reasons: dict[str, str] = {}
+
+    def is_node_supported(self, submodules: Mapping[str, torch.nn.Module], node: fx.Node) -> bool:
+        ok, reason = self.check(node) if node.op == "call_function" else (False, f"{node.op}: not an op")
+        self.reasons[node.name] = reason
+        return ok
+
+    def check(self, node: fx.Node) -> tuple[bool, str]:
+        raise NotImplementedError
+
+
+class AffineOperatorSupport(ReasonedSupport):
+    """Supports a private op that is affine in its private inputs with all other inputs public: what may run
+    on the GPU on masked inputs (TaintPass first)."""
 
     def check(self, node: fx.Node) -> tuple[bool, str]:
         """(ok, reason) for running `node` on masked inputs."""
@@ -120,8 +142,10 @@ def producer(node: fx.Node) -> fx.Node:
     return node
 
 
-class LabelPass(PassBase):
-    """Tags every node `enclave` or `gpu` (meta[SIDE]) with a reason (meta[REASON]). Needs TaintPass first."""
+class LabelPass(AnnotationPass):
+    """Tags every node `enclave` or `gpu` (meta[SIDE]) with a reason (meta[REASON]). Needs TaintPass first.
+
+    A label pass only annotates: it raises `GraphChangedError` if it changed the graph (`AnnotationPass`)."""
 
     def __init__(
         self,
@@ -139,11 +163,19 @@ class LabelPass(PassBase):
         self.rules = rules
         self.public_on_gpu = public_on_gpu
 
+    def requires(self, graph_module: fx.GraphModule) -> None:
+        require_tainted(self, graph_module)
+
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         nodes = [n for n in graph_module.graph.nodes if not is_getitem(n)]
         for node in nodes:
             self._initial(node)
         return self._finish(graph_module, nodes)
+
+    def ensures(self, graph_module: fx.GraphModule) -> None:
+        ops = [n for n in graph_module.graph.nodes if n.op == "call_function"]
+        unplaced = [n.name for n in ops if n.meta.get(SIDE) not in (ENCLAVE, GPU) or REASON not in n.meta]
+        require(self, not unplaced, f"every op gets a side and a reason; none for {unplaced[:5]}")
 
     def _finish(self, graph_module: fx.GraphModule, nodes: list[fx.Node]) -> PassResult:
         """Demote until nothing changes, place public values, label getitems like their producers."""

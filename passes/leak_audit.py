@@ -18,13 +18,12 @@ from collections.abc import Callable
 
 from torch import fx
 
-from secure_split.enclave_runtime.masking import wire_dtype
-
 from .insert_masks import Cut, mask, unmask
 from .label import GPU, AffineOperatorSupport
 from .label_cmif import PROTECTION as CMIF_PROTECTION
 from .label_cmif import raw_token_nodes, refuse_undeclared_inputs
 from .meta import CUT, PRIVATE_PARAM, SIDE, TAINT, WEIGHTS
+from .ring import wire_dtype
 from .rowwise import RowwiseSupport
 from .taint import PRIVATE, PUBLIC, SECRET, TaintPass, combine
 

@@ -9,3 +9,7 @@ PRIVATE_PARAM = "secure_split.private_param"  # on get_attr nodes: matched a Spl
 SOURCE = "secure_split.source"  # on graph inputs: where Dynamo read the value, e.g. "L['kwargs']['attention_mask']"
 STAGE = "secure_split.stage"  # stage index, set by the partitioner
 CUT = "secure_split.cut"  # on mask/unmask nodes of the boundary graph: the `Cut` they implement
+
+# On a GPU stage lowered to Z_2^64 (`RingLowerPass`), in its GraphModule.meta: per output, its fractional bits,
+# the bound of its integer under the declared activation bound, and its shape.
+RING_BITS, RING_BOUNDS, RING_SHAPES = "ring_frac_bits", "ring_bounds", "ring_shapes"

@@ -2,7 +2,8 @@
 
 - Ring products use the float64 limb kernel with the public operand's limb count fixed at compile time: exact,
   a static graph, and float64 GEMMs (onnxruntime's CUDA provider has no int64 MatMul; on its CPU provider
-  int64 MatMul is far slower than float64 GEMMs).
+  int64 MatMul is far slower than float64 GEMMs). The op's kernel is made of plain tensor ops
+  (CompositeImplicitAutograd), so the export traces the limb products themselves: no ONNX translation needed.
 - Fused attention is written out. torch's CPU attention kernels return zeros for a query row whose mask is
   -inf everywhere (e.g. the padded positions of a left-padded batch); ONNX's translation of the fused op
   computes softmax(-inf, ..., -inf) = NaN there, and the NaN then reaches every position through attention·V.
@@ -19,7 +20,8 @@ from torch import fx
 from torch.fx.operator_schemas import normalize_function
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from secure_split.runtime.ring_kernels import ring_product
+from .infra import require
+from .ring import ring_product_op
 
 aten = torch.ops.aten
 FUSED = {aten._scaled_dot_product_flash_attention_for_cpu.default, aten.scaled_dot_product_attention.default}
@@ -60,18 +62,31 @@ class PortableAttentionPass(PassBase):
             graph_module.recompile()
         return PassResult(graph_module, changed)
 
+    def ensures(self, graph_module: fx.GraphModule) -> None:
+        fused = [n.name for n in graph_module.graph.nodes if n.op == "call_function" and n.target in FUSED]
+        require(self, not fused, f"fused attention left: {fused}")
+
 
 class LimbProductsPass(PassBase):
     """Switches every ring product to the limb kernel (its public limb count was fixed by the ring lowering)."""
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        products = [n for n in graph_module.graph.nodes if n.op == "call_function" and n.target is ring_product]
+        products = _ring_products(graph_module)
         for node in products:
             op, a, b, public, _, limbs = node.args
             node.args = (op, a, b, public, "limbs", limbs)
         if products:
             graph_module.recompile()
         return PassResult(graph_module, bool(products))
+
+    def ensures(self, graph_module: fx.GraphModule) -> None:
+        other = [n.name for n in _ring_products(graph_module) if n.args[4] != "limbs" or n.args[5] is None]
+        require(self, not other, f"ring products not on the limb kernel with a fixed limb count: {other}")
+
+
+def _ring_products(gm: fx.GraphModule) -> list[fx.Node]:
+    op = ring_product_op()
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is op]
 
 
 def portable(stage: fx.GraphModule) -> fx.GraphModule:

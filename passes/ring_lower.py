@@ -3,8 +3,8 @@
 Every masked stage input arrives as round(x·2^f) (f fractional bits). A public factor is encoded with the
 fewest fractional bits that hold it exactly, at most f (0 for integers, 1 for 0.5), so a product carries the
 sum of its operands' bits; sums first align their operands to the larger count by exact multiplications by
-powers of two; added constants are encoded with their partner's bits. Matrix products become `ring_product`
-calls (native int64 on the CPU, float64 limbs on CUDA). The stage
+powers of two; added constants are encoded with their partner's bits. Matrix products become
+`torch.ops.secure_split.ring_product` calls (native int64 on the CPU, float64 limbs on CUDA). The stage
 then stays affine over Z_2^64, so f(x + r) - (f(r) - f(0)) = f(x) holds bit for bit.
 
 Alongside, the pass bounds every integer from the weights and the declared activation bound and refuses, at
@@ -22,15 +22,13 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from secure_split.enclave_runtime.fixed_point import INT64_LIMIT, RingOverflowError, encode
-from secure_split.runtime.ring_kernels import MAX_LIMB_CONTRACTION, ring_product, signed_limbs_needed
-
+from .infra import require, require_meta
 from .label import GPU, MASKABLE_DTYPES, SHAPE_OPS, packet, producer
-from .meta import REASON, SIDE, TAINT
+from .meta import REASON, RING_BITS, RING_BOUNDS, RING_SHAPES, SIDE, TAINT
+from .ring import INT64_LIMIT, MAX_LIMB_CONTRACTION, RingOverflowError, encode, ring_product_op, signed_limbs_needed
 from .taint import PRIVATE
 
 aten = torch.ops.aten
-RING_BITS, RING_BOUNDS, RING_SHAPES = "ring_frac_bits", "ring_bounds", "ring_shapes"
 _LINEAR_VIEWS = SHAPE_OPS - {aten.neg, aten.sum, aten.mean}
 _PRODUCTS = {aten.mm: "mm", aten.bmm: "bmm", aten.matmul: "matmul", aten.addmm: "mm", aten.baddbmm: "bmm"}
 
@@ -51,6 +49,12 @@ class RingLowerPass(PassBase):
         self.frac_bits = frac_bits
         self.activation_bound = activation_bound
         self.kernel = kernel
+
+    def requires(self, graph_module: fx.GraphModule) -> None:
+        """One stage's graph (not the boundary graph), traced: every input and op has its value's metadata."""
+        nodes = graph_module.graph.nodes
+        require(self, not any(n.op == "call_module" for n in nodes), "needs a stage graph, not a boundary graph")
+        require_meta(self, [n for n in nodes if n.op in ("placeholder", "call_function")], "val", "needs traced values")
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         lowering = _Lowering(graph_module, self.frac_bits, self.activation_bound, self.kernel)
@@ -266,7 +270,7 @@ class _Lowering:
         operands = (self.env[x], weight) if public == 1 else (weight, self.env[x])
         kind = "matmul" if op is aten.linear else _PRODUCTS[op]
         limbs = signed_limbs_needed(encode(weight_value, bits))
-        out = self._emit(ring_product, (kind, *operands, public, self.kernel, limbs))
+        out = self._emit(ring_product_op(), (kind, *operands, public, self.kernel, limbs))
         out_bits = self.fact[x].bits + bits
         gain = float(encode(weight_value, bits).abs().sum(dim=-2 if public == 1 else -1).max())
         bound = self.fact[x].bound * gain

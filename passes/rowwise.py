@@ -14,8 +14,8 @@ import math
 import torch
 from torch import fx
 
-from .label import GPU, SCALE_OPS, SUM_OPS, AffineOperatorSupport, packet
-from .meta import REASON, SIDE, TAINT
+from .label import ENCLAVE, GPU, SCALE_OPS, SUM_OPS, AffineOperatorSupport, ReasonedSupport, _set, packet
+from .meta import SIDE, TAINT
 from .taint import PRIVATE, PUBLIC
 
 aten = torch.ops.aten
@@ -62,18 +62,20 @@ class RowwiseSupport(AffineOperatorSupport):
         return rowwise(node) if ok else (ok, reason)
 
 
-class RemoRowwise:
-    """A labelling rule for ReMO masking: a GPU node that is not row-wise stays in the enclave."""
+class RemoRowwise(ReasonedSupport):
+    """Supports row-wise private ops (`rowwise`); as a labelling rule for ReMO masking, a private GPU op it does
+    not support stays in the enclave."""
+
+    def check(self, node: fx.Node) -> tuple[bool, str]:
+        return rowwise(node) if node.meta[TAINT] == PRIVATE else (True, "holds no user data")
 
     def __call__(self, nodes: list[fx.Node]) -> bool:
-        changed = False
-        for node in nodes:
-            if node.op == "call_function" and node.meta[SIDE] == GPU and node.meta[TAINT] == PRIVATE:
-                ok, reason = rowwise(node)
-                if not ok:
-                    node.meta[SIDE], node.meta[REASON] = "enclave", f"remo masking needs row-wise GPU ops ({reason})"
-                    changed = True
-        return changed
+        """Demote the GPU ops that are not row-wise; True when a label changed."""
+        on_gpu = [n for n in nodes if n.op == "call_function" and n.meta[SIDE] == GPU and n.meta[TAINT] == PRIVATE]
+        demoted = [n for n in on_gpu if not self.is_node_supported({}, n)]
+        for node in demoted:
+            _set(node, ENCLAVE, f"remo masking needs row-wise GPU ops ({self.reasons[node.name]})")
+        return bool(demoted)
 
 
 def _shape(node: fx.Node) -> tuple[int, ...]:

@@ -17,33 +17,46 @@ from typing import Any
 import torch
 from torch import fx
 from torch._subclasses import FakeTensorMode
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx.passes.infra.pass_base import PassResult
 
+from .infra import require
 from .label import packet
 from .meta import TAINT
-from .taint import PRIVATE
+from .taint import PRIVATE, TaintedGraphPass
 
 aten = torch.ops.aten
 
 
-class SeparateWeightsPass(PassBase):
+class SeparateWeightsPass(TaintedGraphPass):
     """Rewrites private embedding look-ups and affine layer norms (see the module docstring)."""
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         changed = False
-        for node in list(graph_module.graph.nodes):
-            if node.op != "call_function" or node.meta.get(TAINT) != PRIVATE:
-                continue
+        for node in _fused_with_weights(graph_module):
             if packet(node) is aten.embedding:
                 _embedding_as_one_hot(graph_module.graph, node)
-                changed = True
-            elif packet(node) is aten.native_layer_norm and any(a is not None for a in node.args[2:4]):
+            else:
                 _split_layer_norm(graph_module.graph, node)
-                changed = True
+            changed = True
         graph_module.graph.eliminate_dead_code()
         graph_module.graph.lint()
         graph_module.recompile()
         return PassResult(graph_module, changed)
+
+    def ensures(self, graph_module: fx.GraphModule) -> None:
+        super().ensures(graph_module)
+        left = [n.name for n in _fused_with_weights(graph_module)]
+        require(self, not left, f"ops still fuse a weight with a private value: {left}")
+
+
+def _fused_with_weights(gm: fx.GraphModule) -> list[fx.Node]:
+    """Private embedding look-ups, and layer norms with a scale or shift."""
+    private = [n for n in gm.graph.nodes if n.op == "call_function" and n.meta.get(TAINT) == PRIVATE]
+    return [n for n in private if packet(n) is aten.embedding or _affine_layer_norm(n)]
+
+
+def _affine_layer_norm(node: fx.Node) -> bool:
+    return packet(node) is aten.native_layer_norm and any(a is not None for a in node.args[2:4])
 
 
 def _embedding_as_one_hot(graph: fx.Graph, node: fx.Node) -> None:

@@ -2,8 +2,13 @@
 
 CPU has exact int64 matrix products; CUDA has none. There a product is split into 16-bit limbs,
 a·b = Σ_{i+j<4} (a_i·b_j)·2^{16(i+j)} mod 2^64, and each limb product runs as a float64 GEMM, which is exact
-while every sum stays below 2^53 (contraction length K ≤ 2^21). The limb path runs on any device, so it is
-tested on the CPU against the native one.
+while every sum stays below 2^53 (contraction length K ≤ 2^21, which the compiler checks). The limb path runs on
+any device, so it is tested on the CPU against the native one.
+
+The product is the op `torch.ops.secure_split.ring_product` (`ring_product` here), registered once when this
+module is imported. Its kernel is CompositeImplicitAutograd: made of plain tensor ops, so fake tensors, autograd
+(the enclave's float64 copy of a stage) and torch.export trace through it, and an ONNX export of a stage on the
+limb kernel holds the limb GEMMs themselves.
 """
 
 from __future__ import annotations
@@ -12,24 +17,32 @@ from collections.abc import Callable
 
 import torch
 
-LIMB_BITS = 16
+LIMB_BITS = 16  # the limb width the compiler counts `public_limbs` in (secure_split.passes.ring)
 LIMBS = 64 // LIMB_BITS
-MAX_LIMB_CONTRACTION = 2**53 // 2 ** (2 * LIMB_BITS)  # K such that K·2^16·2^16 stays exact in float64
 _NATIVE = {"mm": torch.mm, "bmm": torch.bmm, "matmul": torch.matmul}
 KERNELS = ("auto", "int64", "limbs")
 
+torch.library.define(
+    "secure_split::ring_product",
+    "(str op, Tensor a, Tensor b, int public, str kernel='auto', int? public_limbs=None) -> Tensor",
+)
 
-def ring_product(
+
+@torch.library.impl("secure_split::ring_product", "CompositeImplicitAutograd")
+def _ring_product(
     op: str, a: torch.Tensor, b: torch.Tensor, public: int, kernel: str = "auto", public_limbs: int | None = None
 ) -> torch.Tensor:
     """`op(a, b)` (mm, bmm or matmul) over Z_2^64; operand `public` (0 or 1) holds small public weights.
 
-    `public_limbs`, when the compiler knows it, is how many signed limbs the public operand needs (so the limb
-    path reads no value to decide, and exports as a static graph). Floating-point operands (the enclave's
-    float64 copy of a stage, used to make verification vectors) are multiplied as they are."""
+    `public_limbs` is how many signed limbs the public operand needs, fixed by the compiler (so the limb path
+    reads no value to decide, and exports as a static graph); None takes all four. Floating-point operands (the
+    enclave's float64 copy of a stage, used to make verification vectors) are multiplied as they are."""
     if kernel == "int64" or a.is_floating_point() or (kernel == "auto" and a.device.type == "cpu"):
         return _NATIVE[op](a, b)
     return limb_product(_NATIVE[op], a, b, public, public_limbs)
+
+
+ring_product = torch.ops.secure_split.ring_product
 
 
 def limb_product(
@@ -39,9 +52,9 @@ def limb_product(
     public: int,
     public_limbs: int | None = None,
 ) -> torch.Tensor:
-    """Bilinear `fn` over Z_2^64 from float64 limb products; the public operand uses as few signed limbs as fit."""
+    """Bilinear `fn` over Z_2^64 from float64 limb products; the public operand uses `public_limbs` signed limbs."""
     counts = [LIMBS, LIMBS]
-    counts[public] = public_limbs if public_limbs is not None else signed_limbs_needed((a, b)[public])
+    counts[public] = public_limbs if public_limbs is not None else LIMBS
     la, lb = split_limbs(a, counts[0]), split_limbs(b, counts[1])
     out: torch.Tensor | None = None
     for i, ai in enumerate(la):
@@ -59,12 +72,3 @@ def split_limbs(x: torch.Tensor, count: int) -> list[torch.Tensor]:
     limbs = [((x >> (LIMB_BITS * i)) & 0xFFFF).to(torch.float64) for i in range(count - 1)]
     limbs.append((x >> (LIMB_BITS * (count - 1))).to(torch.float64))
     return limbs
-
-
-def signed_limbs_needed(x: torch.Tensor) -> int:
-    """How many limbs (unsigned low ones, a signed top one) represent every value of x exactly."""
-    if x.numel() == 0:
-        return 1
-    top = int(torch.maximum(x.max(), -x.min() - 1).item())
-    bits = top.bit_length() + 1  # with the sign
-    return min(LIMBS, max(1, -(-bits // LIMB_BITS)))

@@ -85,9 +85,9 @@ class GpuWorker(services.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=request.name in self.models)
 
     def ServerMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
-        from secure_split import __version__
+        from importlib.metadata import version  # the installed secure_split's (this package imports none of ours)
 
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__)
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=version("secure_split"))
 
     def ModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
         model = self._model(request.name, context)

@@ -19,7 +19,7 @@ _EXPORTS = {
     "MaskReuseError": ".enclave_runtime.pool",
     "PoolEmptyError": ".program",
     "PoolError": ".enclave_runtime.pool",
-    "RingOverflowError": ".enclave_runtime.fixed_point",
+    "RingOverflowError": ".passes.ring",
     "PartitionReport": ".report",
     "SplitConfig": ".config",
     "SplitProgram": ".program",

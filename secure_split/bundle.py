@@ -44,9 +44,8 @@ from secure_split.passes.capture import argument_name
 from secure_split.passes.insert_masks import Cut, mask, unmask
 from secure_split.passes.label_cmif import token_embeddings
 from secure_split.passes.leak_audit import LeakError
-from secure_split.passes.meta import CUT, PARAM_NAMES, PRIVATE_PARAM, SIDE, STAGE, WEIGHTS
+from secure_split.passes.meta import CUT, PARAM_NAMES, PRIVATE_PARAM, RING_BITS, SIDE, STAGE, WEIGHTS
 from secure_split.passes.onnx_lower import portable
-from secure_split.passes.ring_lower import RING_BITS
 from secure_split.runtime.manifest import (
     FORMAT,
     MANIFEST,

@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 
 from torch import fx
+from torch.fx.passes.infra.pass_base import PassBase
 
+import secure_split.runtime.ring_kernels  # noqa: F401  registers torch.ops.secure_split.ring_product for the passes
 from secure_split.partitioner.min_cut import MinCutLabelPass
 from secure_split.partitioner.stages import PartitionResult, build_partition
 from secure_split.passes.capture import argument_name
 from secure_split.passes.fold_norm_scale import FoldNormScalePass
 from secure_split.passes.fold_public import FoldPublicPass
+from secure_split.passes.infra import run_passes
 from secure_split.passes.insert_masks import InsertMasksPass
 from secure_split.passes.label import LabelPass
 from secure_split.passes.label_cmif import PROTECTION as CMIF_PROTECTION
@@ -33,8 +36,8 @@ def compile_graph(captured: fx.GraphModule, config: SplitConfig) -> SplitProgram
     """Split one captured graph (`passes.capture`: static shapes, user inputs as placeholders, model state as
     constants) into an audited `SplitProgram`."""
     partition = build_partition(label_graph(captured, config))
-    InsertMasksPass(config.masking, CMIF_PROTECTION if config.policy == "cmif" else None)(partition.boundary)
-    _log("boundary graph", partition.boundary)
+    protection = CMIF_PROTECTION if config.policy == "cmif" else None
+    run_passes([InsertMasksPass(config.masking, protection)], partition.boundary)
     public = declared_public(partition.labelled, config)
     audit(partition.boundary, config.masking, config.private, config.policy, partition.labelled, public)
     if config.masking == "ring":
@@ -53,31 +56,32 @@ def _lower_to_ring(partition: PartitionResult, config: SplitConfig) -> None:
     lower = RingLowerPass(config.frac_bits, config.activation_bound, config.ring_kernel)
     for spec in partition.stages:
         if spec.side == "gpu":
-            lowered = lower(partition.stage_module(spec)).graph_module
+            lowered = run_passes([lower], partition.stage_module(spec))
             partition.boundary.add_submodule(spec.module_name, lowered)
-            _log(f"{spec.module_name} in Z_2^64", lowered)
 
 
 def label_graph(aten: fx.GraphModule, config: SplitConfig) -> fx.GraphModule:
     """Taint, fold and label a captured graph: every node tagged enclave or gpu (in place; returned)."""
     _log("captured ATen graph", aten)
-    TaintPass(config.private, dict.fromkeys(declared_public(aten, config), PUBLIC))(aten)
-    FoldPublicPass()(aten)
+    labelled = run_passes(label_passes(config, declared_public(aten, config)), aten)
+    _log_labels(labelled)
+    return labelled
+
+
+def label_passes(config: SplitConfig, public_inputs: frozenset[str] = frozenset()) -> list[PassBase]:
+    """The policy's pass list, from a captured graph to a labelled one: taint (`public_inputs` name the graph
+    inputs declared public), fold public values, under talaria separate the weights from the ops they are fused
+    with and fold norm scales, then the policy's label pass."""
+    passes: list[PassBase] = [TaintPass(config.private, dict.fromkeys(public_inputs, PUBLIC)), FoldPublicPass()]
     if config.policy == "talaria":
-        SeparateWeightsPass()(aten)
-        FoldNormScalePass()(aten)
-        _log("weights separated from weight-independent ops, norm scales folded (talaria)", aten)
-    ring = config.masking == "ring"
+        passes += [SeparateWeightsPass(), FoldNormScalePass()]
     # Ring and remo keys are fixed per call before it runs: a public value computed at run time (a random
     # draw) is made in the enclave and sent as it is, not recomputed by a GPU stage.
     options = dict(min_gpu_flops=config.min_gpu_flops, public_on_gpu=config.masking in ("float", "none"),
                    rules=_masking_rules(config))  # fmt: skip
-    if config.policy == "auto":
-        MinCutLabelPass(config.cost, 2.0 if ring else 1.0, **options)(aten)  # ring: float32 crosses as int64
-    else:
-        LABEL_PASSES.get(config.policy, LabelPass)(**options)(aten)
-    _log_labels(aten)
-    return aten
+    if config.policy == "auto":  # ring: float32 crosses as int64
+        return [*passes, MinCutLabelPass(config.cost, 2.0 if config.masking == "ring" else 1.0, **options)]
+    return [*passes, LABEL_PASSES.get(config.policy, LabelPass)(**options)]
 
 
 LABEL_PASSES = {"cmif": CmifLabelPass, "talaria": TalariaLabelPass}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from secure_split.passes.ring_lower import RING_BITS
+from secure_split.passes.meta import RING_BITS
 from secure_split.runtime.onnx_session import CPU, CUDA, numpy_feeds, onnxruntime_gpu_providers, open_session
 
 log = logging.getLogger("secure_split")

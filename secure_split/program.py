@@ -33,8 +33,7 @@ from secure_split.enclave_runtime.sanitizer import IdentitySanitizer, TokenSanit
 from secure_split.partitioner.stages import PartitionResult, StageSpec
 from secure_split.passes.insert_masks import Cut, cuts, mask, unmask
 from secure_split.passes.label_cmif import token_embeddings, token_inputs
-from secure_split.passes.meta import CUT, SIDE, WEIGHTS
-from secure_split.passes.ring_lower import RING_BITS
+from secure_split.passes.meta import CUT, RING_BITS, SIDE, WEIGHTS
 from secure_split.runtime.channel import Channel
 from secure_split.runtime.gpu_executor import GpuExecutor, WorkerError
 

@@ -6,10 +6,10 @@ from tiny_models import split_and_trace, tiny_inputs, tiny_model
 
 import secure_split
 from secure_split import SplitConfig
-from secure_split.enclave_runtime.fixed_point import RingOverflowError, check_bound, decode, encode
 from secure_split.passes.meta import CUT
+from secure_split.passes.ring import RingOverflowError, check_bound, decode, encode, signed_limbs_needed
 from secure_split.passes.ring_lower import RingLowerPass
-from secure_split.runtime.ring_kernels import limb_product, ring_product, signed_limbs_needed
+from secure_split.runtime.ring_kernels import limb_product, ring_product
 
 HEADROOM = "ring masking: its fixed-point values could overflow Z_2^64 on the GPU (headroom)"
 CHI2_255_P001 = 330.5  # chi-square critical value, 255 degrees of freedom, p = 0.001
