@@ -294,7 +294,7 @@ def attack(workload: Workload, scales: list[float]) -> list[dict]:
 
 def remo_bases(program: secure_split.SplitProgram) -> dict[Key, torch.Tensor | None]:
     """The public basis Q of every remo cut, by crossing (the GPU knows them); None: full rank (identity)."""
-    return {(cut.stage, cut.name): program.remo.bases[name] for name, cut in program.remo.cuts.items()}
+    return {(cut.stage, cut.name): program.keys.remo.bases[name] for name, cut in program.keys.remo.cuts.items()}
 
 
 def complement(basis: torch.Tensor | None, width: int) -> torch.Tensor:

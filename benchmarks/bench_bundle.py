@@ -54,7 +54,7 @@ def measure(name: str, model: torch.nn.Module, kwargs: dict, policy: str, repeat
     size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
     return {"model": name, "policy": policy, "masking": program.config.masking, "eager_ms": 1e3 * eager_s,
             "torch_runtime_x": torch_s / eager_s, "bundle_x": bundle_s / eager_s, "bundle_vs_torch": bundle_s / torch_s,
-            "export_s": export_s, "bundle_mb": size / 1e6, "stages": len(program.partition.stages),
+            "export_s": export_s, "bundle_mb": size / 1e6, "stages": len(program.artifact.stages),
             "max_abs_err": error}  # fmt: skip
 
 

@@ -38,7 +38,7 @@ def latency_row(policy: str, root: Path, url: str, inputs: dict, eager_s: float,
     remote = secure_split.load_bundle(root, gpu=url, key=f"{root}.key", precompute=repeats + 3)
     local_s = timed(lambda: local(**inputs), repeats)
     remote_s = timed(lambda: remote(**inputs), repeats)
-    sent, received, payload = remote.worker.bytes_sent, remote.worker.bytes_received, remote.program.channel
+    sent, received, payload = remote.worker.bytes_sent, remote.worker.bytes_received, remote.program.gpu.channel
     before = (payload.bytes_to_gpu, payload.bytes_to_enclave)
     remote(**inputs)
     wire = remote.worker.bytes_sent - sent + remote.worker.bytes_received - received
@@ -46,7 +46,7 @@ def latency_row(policy: str, root: Path, url: str, inputs: dict, eager_s: float,
     return {"policy": policy, "eager_ms": 1e3 * eager_s, "in_process_ms": 1e3 * local_s,
             "two_process_ms": 1e3 * remote_s, "two_vs_in_process": remote_s / local_s,
             "wire_bytes_per_call": wire, "tensor_bytes_per_call": tensors, "wire_vs_tensor": wire / tensors,
-            "requests_per_call": len(remote.program.gpu_stages)}  # fmt: skip
+            "requests_per_call": len(remote.program.artifact.gpu_stages)}  # fmt: skip
 
 
 def throughput(root: Path, url: str, inputs: dict, clients: int, requests: int) -> float:

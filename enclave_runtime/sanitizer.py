@@ -74,6 +74,3 @@ def make_token_sanitizer(
     if unknown := sorted(set(options) - set(accepted)):
         raise ValueError(f"Sanitizer {mechanism!r} takes the options {accepted}, not {unknown}")
     return cls(epsilon, embeddings, k, test_seed, special_ids, **options)
-
-
-Sanitizer = make_token_sanitizer  # the public name `secure_split.Sanitizer(mechanism, epsilon, embeddings, ...)`

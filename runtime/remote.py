@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from . import kserve
-from .gpu_executor import WorkerError
 from .kserve import pb, services
 from .onnx_session import numpy_feeds
+from .stage_backend import WorkerError
 from .tls import TlsFiles, is_loopback
 
 log = logging.getLogger("secure_split.remote")

@@ -26,6 +26,7 @@ from secure_split.passes.rowwise import RemoRowwise
 from secure_split.passes.taint import PUBLIC, TaintPass
 from secure_split.passes.weight_ops import SeparateWeightsPass
 
+from .artifact import SplitArtifact, token_positions
 from .config import SplitConfig
 from .program import SplitProgram
 
@@ -42,9 +43,9 @@ def compile_graph(captured: fx.GraphModule, config: SplitConfig) -> SplitProgram
     audit(partition.boundary, config.masking, config.private, config.policy, partition.labelled, public)
     if config.masking == "ring":
         _lower_to_ring(partition, config)
-    sources = [n.meta[SOURCE] for n in partition.labelled.graph.nodes if n.op == "placeholder"]
-    program = SplitProgram(partition, config, sources)
-    if config.masking == "none" and config.policy != "cmif" and program.cuts:
+    tokens = token_positions(partition) if config.policy == "cmif" else []
+    program = SplitProgram(SplitArtifact.compiled(partition, config, tokens, "passed"))
+    if config.masking == "none" and config.policy != "cmif" and program.artifact.cuts:
         log.warning("secure_split: masking='none': activations cross to the GPU in plaintext (baseline only)")
     if log.isEnabledFor(logging.INFO):  # a report walks the whole graph: build it only to print it
         log.info("%s", program.report())

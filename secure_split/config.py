@@ -19,6 +19,14 @@ MASKINGS = ("ring", "float", "remo", "none")
 POOL_EMPTY = ("online", "raise")
 CMIF_PUBLIC_INPUTS = ("attention_mask", "token_type_ids", "position_ids")
 
+# When each setting applies (as Torch-TensorRT keeps compilation settings apart from runtime ones), in the
+# metadata of its field: a bundle keeps the settings the runtime needs, and a loader may choose only some.
+COMPILE = {"applies": "compile", "kept": True}  # fixes the split; kept in a bundle
+COMPILER = {"applies": "compile", "kept": False}  # steers the compiler only: nothing runs differently after
+RUNTIME = {"applies": "runtime", "kept": True}  # how calls run: kept in a bundle, and chosen again at load
+LOAD = {"applies": "runtime", "kept": False}  # how calls run here, chosen at load (default: the field's)
+PROCESS = {"applies": "process", "kept": False}  # this process only (where GPU stages run, a test seed)
+
 
 @dataclass(frozen=True)
 class SplitConfig:
@@ -77,28 +85,28 @@ class SplitConfig:
         none, 0 for float and remo.
     """
 
-    policy: str = "secureinfer"
-    masking: str | None = None
-    mask_scale: float = 100.0
-    remo_rank: int | None = None
-    frac_bits: int = 20
-    activation_bound: float = 4096.0
-    ring_kernel: str = "auto"
-    pool_empty: str = "online"
-    precompute: int = 0
-    verify: bool = False
-    cost: Cost = field(default_factory=Cost)
-    device: str | None = None
-    test_seed: int | None = None
-    private: tuple[str, ...] = field(default_factory=tuple)
-    public_inputs: tuple[str, ...] | None = None
-    min_gpu_flops: int = 1
-    epsilon: float = math.inf
-    sanitizer: str = "rnm"
-    sanitizer_k: int = 20
-    special_token_ids: tuple[int, ...] = field(default_factory=tuple)
-    gpu_timeout_s: float = 30.0
-    gpu_retries: int | None = None
+    policy: str = field(default="secureinfer", metadata=COMPILE)
+    masking: str | None = field(default=None, metadata=COMPILE)
+    mask_scale: float = field(default=100.0, metadata=COMPILE)
+    remo_rank: int | None = field(default=None, metadata=COMPILE)
+    frac_bits: int = field(default=20, metadata=COMPILE)
+    activation_bound: float = field(default=4096.0, metadata=COMPILE)
+    ring_kernel: str = field(default="auto", metadata=COMPILE)
+    pool_empty: str = field(default="online", metadata=RUNTIME)
+    precompute: int = field(default=0, metadata=LOAD)
+    verify: bool = field(default=False, metadata=RUNTIME)
+    cost: Cost = field(default_factory=Cost, metadata=COMPILER)
+    device: str | None = field(default=None, metadata=PROCESS)
+    test_seed: int | None = field(default=None, metadata=PROCESS)
+    private: tuple[str, ...] = field(default_factory=tuple, metadata=COMPILER)
+    public_inputs: tuple[str, ...] | None = field(default=None, metadata=COMPILE)
+    min_gpu_flops: int = field(default=1, metadata=COMPILER)
+    epsilon: float = field(default=math.inf, metadata=RUNTIME)
+    sanitizer: str = field(default="rnm", metadata=COMPILE)
+    sanitizer_k: int = field(default=20, metadata=COMPILE)
+    special_token_ids: tuple[int, ...] = field(default_factory=tuple, metadata=COMPILE)
+    gpu_timeout_s: float = field(default=30.0, metadata=LOAD)
+    gpu_retries: int | None = field(default=None, metadata=LOAD)
 
     def __post_init__(self) -> None:
         _check_choice("policy", self.policy, POLICIES)
@@ -170,6 +178,16 @@ class SplitConfig:
             raise ValueError("SplitConfig.device is 'cuda' but no CUDA device is available")
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"SplitConfig.device must be a CPU or CUDA device, got {self.device!r}")
+
+    @classmethod
+    def kept_settings(cls) -> tuple[str, ...]:
+        """The fields a bundle keeps: the split's compile settings and the runtime settings' exported values."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["kept"])
+
+    @classmethod
+    def load_settings(cls) -> tuple[str, ...]:
+        """The fields a loader may choose (`load_bundle(..., **options)`): the runtime settings."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["applies"] == "runtime")
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | SplitConfig | None) -> SplitConfig:

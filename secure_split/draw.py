@@ -1,7 +1,7 @@
 """Drawing a split: enclave and GPU lanes, one band per stage, cut edges labelled with the bytes that cross.
 
-`extract_graph` keeps what a drawing needs from a program (plain names, sides, stages, edges and the cuts on
-them); `draw_report` renders it with matplotlib, which is imported only when something is drawn.
+`extract_graph` keeps what a drawing needs from a split, at compile time (plain names, sides, stages, edges and
+the cuts on them); `draw_report` renders it with matplotlib, which is imported only when something is drawn.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from secure_split.passes.insert_masks import unmask
-from secure_split.passes.label import ENCLAVE, GPU, is_getitem
+from secure_split.passes.label import ENCLAVE, GPU, is_getitem, producer
 from secure_split.passes.meta import CUT, SIDE, STAGE
 
 if TYPE_CHECKING:
@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from torch import fx
 
-    from .program import SplitProgram
     from .report import PartitionReport
 
 FORMATS = (".svg", ".png")
@@ -57,18 +56,18 @@ class SplitGraph:
     edges: tuple[GraphEdge, ...]
 
 
-def extract_graph(program: SplitProgram) -> SplitGraph:
-    """The labelled graph of `program` as drawable nodes and edges, each crossing tied to its `Cut`."""
-    crossings = _cut_indices(program.boundary)
+def extract_graph(labelled: fx.GraphModule, boundary: fx.GraphModule) -> SplitGraph:
+    """The labelled graph as drawable nodes and edges, each crossing tied to its `Cut` in `boundary`."""
+    crossings = _cut_indices(boundary)
     index: dict[fx.Node, int] = {}
     nodes: list[GraphNode] = []
     edges: list[GraphEdge] = []
-    for node in program.partition.labelled.graph.nodes:
+    for node in labelled.graph.nodes:
         if node.op not in ("placeholder", "call_function", "output") or is_getitem(node):
             continue
         inputs = [u for u in node.all_input_nodes if u.op != "get_attr"]
         for value in inputs:
-            edges.append(GraphEdge(index[_producer(value)], len(nodes), _crossing(value, node, crossings)))
+            edges.append(GraphEdge(index[producer(value)], len(nodes), _crossing(value, node, crossings)))
         stage = node.meta[STAGE] if STAGE in node.meta else _output_stage(inputs)
         kind = {"placeholder": "input", "output": "output"}.get(node.op, "op")
         index[node] = len(nodes)
@@ -86,13 +85,6 @@ def _cut_indices(boundary: fx.GraphModule) -> dict[tuple[str, str], int]:
                 value = value.args[0]
             found[(value.name, node.meta[CUT].direction)] = node.meta[CUT].index
     return found
-
-
-def _producer(value: fx.Node) -> fx.Node:
-    """The op behind a `getitem` (a multi-output op is drawn once)."""
-    while is_getitem(value):
-        value = value.args[0]
-    return value
 
 
 def _crossing(value: fx.Node, user: fx.Node, crossings: dict[tuple[str, str], int]) -> tuple[int, ...]:

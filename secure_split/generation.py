@@ -21,6 +21,7 @@ from transformers import DynamicCache
 from secure_split.enclave_runtime.csprng import CSPRNG
 
 from .api import split
+from .buckets import pad_to, round_up
 from .config import SplitConfig
 from .program import SplitProgram
 from .report import PartitionReport
@@ -156,8 +157,8 @@ class SplitGenerator:
         padded = self._bucket_of(length)
         cache = DynamicCache()
         for i, (k, v) in enumerate(zip(keys, values, strict=True)):
-            gap = (0, 0, 0, padded - length)
-            cache.update(torch.nn.functional.pad(k, gap), torch.nn.functional.pad(v, gap), i)
+            shape = (*k.shape[:2], padded, k.shape[-1])
+            cache.update(pad_to(k, shape), pad_to(v, shape), i)
         holes = torch.zeros(len(mask), padded - length, dtype=mask.dtype)
         full_mask = torch.cat([mask[:, :-1], holes, mask[:, -1:]], 1)
         key = ("decode", tuple(token.shape), padded)
@@ -196,7 +197,7 @@ class SplitGenerator:
 
     def _bucket_of(self, length: int) -> int:
         """The padded cache length a decode step on `length` cached positions runs at."""
-        return -(-length // self.bucket) * self.bucket
+        return round_up(length, self.bucket)
 
     def _eos_and_pad(self) -> tuple[torch.Tensor | None, int]:
         config = getattr(self.model, "generation_config", None)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 
-from secure_split.passes.meta import RING_BITS
 from secure_split.runtime.onnx_session import CPU, CUDA, numpy_feeds, onnxruntime_gpu_providers, open_session
 
 log = logging.getLogger("secure_split")
@@ -29,15 +28,11 @@ class OnnxStage(torch.nn.Module):
     A GPU stage that asks for CUDA refuses to start if onnxruntime would run it, or any of its nodes, elsewhere:
     no silent fallback to the CPU."""
 
-    def __init__(
-        self, path: Path, providers: list[str], digest: str, input_names: list[str], ring_bits: list[int] | None
-    ) -> None:
+    def __init__(self, path: Path, providers: list[str], input_names: list[str]) -> None:
         super().__init__()
         self.path = path
         self.input_names = input_names
         self.providers = providers
-        self.code = f"onnx sha256 {digest}"  # what a pool's fingerprint binds to
-        self.meta = {RING_BITS: ring_bits} if ring_bits is not None else {}
         self._session = None
 
     def open(self):

@@ -10,15 +10,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from secure_split.enclave_runtime.masking import MIN_SIGNIFICANT_BITS, RingMasking
-from secure_split.passes.flops import node_flops
-from secure_split.passes.label import is_getitem
-from secure_split.passes.meta import REASON, SIDE, TAINT
-from secure_split.passes.taint import PRIVATE
 
-from .draw import SplitGraph, draw_report, extract_graph
+from .draw import SplitGraph, draw_report
 
 if TYPE_CHECKING:
-    from .program import SplitProgram
+    from secure_split.enclave_runtime.keys import KeyProvider
+    from secure_split.enclave_runtime.masking import MaskingScheme
+    from secure_split.enclave_runtime.sanitizer import TokenSanitizer
+
+    from .artifact import SplitArtifact
 
 
 @dataclass
@@ -100,51 +100,54 @@ class PartitionReport:
         return "\n".join(lines)
 
 
-def build_report(program: SplitProgram) -> PartitionReport:
-    nodes = [n for n in program.partition.labelled.graph.nodes if n.op == "call_function" and not is_getitem(n)]
-    sides = Counter(n.meta[SIDE] for n in nodes)
-    flops = Counter()
-    for node in nodes:
-        flops[node.meta[SIDE]] += node_flops(node)
-    total = flops["enclave"] + flops["gpu"]
-    kept = Counter(n.meta[REASON] for n in nodes if n.meta[SIDE] == "enclave" and n.meta[TAINT] == PRIVATE)
-    gpu_stages = len(program.gpu_stages)
+def build_report(
+    artifact: SplitArtifact,
+    keys: KeyProvider | None,
+    masking: MaskingScheme,
+    sanitizer: TokenSanitizer | None,
+    calls: int,
+    device: str,
+) -> PartitionReport:
+    """The artifact's compile-time counts, with a program's counters so far: its calls, the pool (`keys`), ring
+    precision (`masking`) and cmif's token replacements (`sanitizer`)."""
+    counts = artifact.counts
+    cut_list = artifact.cuts
+    total = counts.enclave_flops + counts.gpu_flops
     return PartitionReport(
-        policy=program.config.policy,
-        masking=program.config.masking,
-        device=str(program.device),
-        enclave_nodes=sides["enclave"],
-        gpu_nodes=sides["gpu"],
-        stages=len(program.partition.stages),
-        round_trips=gpu_stages,
-        cuts=len(program.cuts),
-        bytes_to_gpu=sum(c.nbytes for c in program.cuts if c.direction == "to_gpu"),
-        bytes_to_enclave=sum(c.nbytes for c in program.cuts if c.direction == "to_enclave"),
-        enclave_flops=flops["enclave"],
-        gpu_flops=flops["gpu"],
-        enclave_flop_share=flops["enclave"] / total if total else 1.0,
-        protection=dict(Counter(c.protection for c in program.cuts)),
-        kept_in_enclave=dict(kept),
-        calls=program.calls,
-        keys_from_pool=program.pool_calls,
-        keys_made_online=program.online_calls,
-        pool_size=len(program.pool),
-        verify_error_bits=program.verify_error_bits,
-        remo_unmasked_share=None if program.remo is None else program.remo.unmasked_share,
-        precision_lost=dict(program.masking.precision_lost) if isinstance(program.masking, RingMasking) else {},
-        **_sanitizer_fields(program),
-        pool_bytes_per_call=program.pool_bytes_per_call,
+        policy=artifact.config.policy,
+        masking=artifact.config.masking,
+        device=device,
+        enclave_nodes=counts.enclave_nodes,
+        gpu_nodes=counts.gpu_nodes,
+        stages=len(artifact.stages),
+        round_trips=len(artifact.gpu_stages),
+        cuts=len(cut_list),
+        bytes_to_gpu=sum(c.nbytes for c in cut_list if c.direction == "to_gpu"),
+        bytes_to_enclave=sum(c.nbytes for c in cut_list if c.direction == "to_enclave"),
+        enclave_flops=counts.enclave_flops,
+        gpu_flops=counts.gpu_flops,
+        enclave_flop_share=counts.enclave_flops / total if total else 1.0,
+        protection=dict(Counter(c.protection for c in cut_list)),
+        kept_in_enclave=dict(counts.kept_in_enclave),
+        calls=calls,
+        keys_from_pool=keys.pool_calls if keys is not None else 0,
+        keys_made_online=keys.online_calls if keys is not None else 0,
+        pool_size=len(keys.pool) if keys is not None else 0,
+        verify_error_bits=keys.verify_error_bits if keys is not None else None,
+        remo_unmasked_share=keys.remo.unmasked_share if keys is not None and keys.remo is not None else None,
+        precision_lost=dict(masking.precision_lost) if isinstance(masking, RingMasking) else {},
+        **_sanitizer_fields(sanitizer),
+        pool_bytes_per_call=keys.bytes_per_call if keys is not None else 0,
         cut_table=[
             {"index": c.index, "direction": c.direction, "stage": c.stage, "name": c.name,
              "protection": c.protection, "shape": list(c.shape), "dtype": str(c.dtype), "bytes": c.nbytes}
-            for c in program.cuts
+            for c in cut_list
         ],
-        graph=extract_graph(program),
+        graph=artifact.graph,
     )
 
 
-def _sanitizer_fields(program: SplitProgram) -> dict[str, Any]:
-    sanitizer = program.sanitizer
+def _sanitizer_fields(sanitizer: TokenSanitizer | None) -> dict[str, Any]:
     if sanitizer is None:
         return {}
     return {"sanitizer": sanitizer.mechanism, "epsilon": sanitizer.epsilon,

@@ -39,7 +39,7 @@ def test_loading_the_runtime_loads_no_trusted_code():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     loaded = eval(out)
-    assert "secure_split.runtime.channel" in loaded and "secure_split.runtime.gpu_executor" in loaded
+    assert "secure_split.runtime.channel" in loaded and "secure_split.runtime.stage_backend" in loaded
     assert not [m for m in loaded if "enclave_runtime" in m]
 
 

@@ -6,8 +6,8 @@ from tiny_models import tiny_inputs, tiny_model
 
 import secure_split
 from secure_split import SplitConfig
+from secure_split.enclave_runtime.keys import PoolEmptyError
 from secure_split.enclave_runtime.pool import MaskReuseError, PoolError
-from secure_split.program import PoolEmptyError
 
 
 @pytest.fixture
@@ -35,16 +35,16 @@ def test_pool_serves_calls_and_each_key_is_used_once(llama_program):
             assert not any(torch.equal(a, b) for a, b in zip(sent[i], sent[j], strict=True))
     report = program.report()
     assert (report.keys_from_pool, report.keys_made_online, report.pool_size) == (3, 2, 0)
-    assert report.pool_bytes_per_call == sum(c.nbytes for c in program.cuts)
+    assert report.pool_bytes_per_call == sum(c.nbytes for c in program.artifact.cuts)
 
 
 def test_keys_are_refused_a_second_time(llama_program):
     program, _, _ = llama_program
     program.precompute(1)
-    keys = program.pool.take()
-    program.pool.mark_used(keys)
+    keys = program.keys.pool.take()
+    program.keys.pool.mark_used(keys)
     with pytest.raises(MaskReuseError, match="used before"):
-        program.pool.mark_used(keys)
+        program.keys.pool.mark_used(keys)
 
 
 def test_empty_pool_raises_when_configured():
@@ -52,7 +52,7 @@ def test_empty_pool_raises_when_configured():
     args, kwargs = tiny_inputs("bert")
     program = secure_split.split(model, args, kwargs, SplitConfig(pool_empty="raise", precompute=2))
     program(*args, **kwargs)  # split() ran the first call
-    assert (program.pool_calls, program.online_calls) == (2, 0)
+    assert (program.keys.pool_calls, program.keys.online_calls) == (2, 0)
     with pytest.raises(PoolEmptyError, match="precompute"):
         program(*args, **kwargs)
 
@@ -62,7 +62,7 @@ def test_sealed_pool_round_trip_tamper_and_replay(llama_program, tmp_path):
     reference, _ = run_traced(program, args, kwargs)
     program.precompute(2)
     path = tmp_path / "pool.sealed"
-    assert program.save_pool(path) == 2 and len(program.pool) == 0
+    assert program.save_pool(path) == 2 and len(program.keys.pool) == 0
     blob = path.read_bytes()
     assert b"masks" not in blob  # sealed, not just serialized
 
@@ -89,6 +89,6 @@ def test_pool_of_another_program_is_refused(llama_program, tmp_path):
     model = tiny_model("llama", seed=5)  # same shapes, other weights: other unmask terms
     args, kwargs = tiny_inputs("llama")
     other = secure_split.split(model, args, kwargs, SplitConfig())
-    other.pool = program.pool  # even under the same enclave key
+    other.keys.pool = program.keys.pool  # even under the same enclave key
     with pytest.raises(PoolError, match="another program"):
         other.load_pool(tmp_path / "pool.sealed")

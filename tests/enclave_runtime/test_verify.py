@@ -25,16 +25,16 @@ def test_honest_gpu_passes_and_soundness_is_stated(verified):
     report = program.report()
     assert report.verify_error_bits is not None and report.verify_error_bits >= 40
     assert "2^-" in str(report)
-    assert all(v.plan.reps * v.plan.width == v.plan.soundness_bits for v in program.verifiers.values())
+    assert all(v.plan.reps * v.plan.width == v.plan.soundness_bits for v in program.keys.verifiers.values())
     program.precompute(1)
-    assert program.pool.nbytes == report.pool_bytes_per_call  # masks, terms and check vectors of one call
+    assert program.keys.pool.nbytes == report.pool_bytes_per_call  # masks, terms and check vectors of one call
 
 
 def test_one_altered_element_is_caught(verified):
     program, args, kwargs, _ = verified
     for stage in (0, -1):
         for delta in (1, 2**40, -(2**63)):  # the last bit, a middle one, the top one
-            module = program.gpu.stages[program.gpu_stages[stage].module_name]
+            module = program.gpu.stages[program.artifact.gpu_stages[stage].module_name]
 
             def malicious(mod, inputs, outputs, delta=delta):
                 outputs[0][(0,) * outputs[0].dim()] += delta  # the untrusted GPU changes one integer of one result

@@ -83,11 +83,11 @@ def test_private_weights_never_cross():
         ref = model(*args, **kwargs).last_hidden_state
     torch.testing.assert_close(program(*args, **kwargs).last_hidden_state, ref, atol=5e-3, rtol=1e-3)
     assert program.report().kept_in_enclave.get("touches a private parameter", 0) >= 3
-    private = {n.target for n in program.partition.labelled.graph.nodes
+    private = {n.target for n in program.artifact.labelled.graph.nodes
                if n.op == "get_attr" and n.meta["secure_split.private_param"]}  # fmt: skip
     assert private
-    for spec in program.gpu_stages:
-        held = {n.target for n in program.partition.stage_module(spec).graph.nodes if n.op == "get_attr"}
+    for spec in program.artifact.gpu_stages:
+        held = {n.target for n in program.artifact.stage_module(spec).graph.nodes if n.op == "get_attr"}
         assert not held & private
 
 

@@ -21,7 +21,7 @@ def eager_activations(program, args) -> list[torch.Tensor]:
             return out
 
     with torch.no_grad():
-        Recorder(program.partition.labelled).run(*args)
+        Recorder(program.artifact.labelled).run(*args)
     return values
 
 
@@ -33,7 +33,7 @@ def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def crossings(name, masking):
     program, trace, args, kwargs = split_and_trace(name, masking=masking)
-    inputs = [kwargs["attention_mask"] if "attention_mask" in n else args[0] for n in program.input_names]
+    inputs = [kwargs["attention_mask"] if "attention_mask" in n else args[0] for n in program.artifact.input_sources]
     assert len(inputs) == 2
     return trace, eager_activations(program, inputs)
 

@@ -84,15 +84,15 @@ def test_ring_gpu_stages_are_bit_exact_in_onnxruntime(bert_bundle):
     session = secure_split.load_bundle(root, key=f"{root}.key")
     gen = torch.Generator().manual_seed(0)
     checked = 0
-    for call in program._gpu_calls:
+    for call in program.keys.gpu_calls:
         name = str(call.target)
         cuts = [a.meta[CUT] for a in call.args]  # in the layout the stage was traced with
         inputs = [c.empty().copy_(torch.randint(-(2**63), 2**63 - 1, c.shape, generator=gen)) for c in cuts]
-        want = program.boundary.get_submodule(name)(*inputs)
+        want = program.artifact.boundary.get_submodule(name)(*inputs)
         got = session.program.gpu.run(name, inputs)
         assert all(g.dtype == torch.int64 and torch.equal(g, w) for g, w in zip(got, want, strict=True)), name
         checked += 1
-    assert checked == len(program.gpu_stages) > 0
+    assert checked == len(program.artifact.gpu_stages) > 0
 
 
 def test_bundle_output_equals_the_torch_program_and_serves_the_pool(bert_bundle):
@@ -100,10 +100,26 @@ def test_bundle_output_equals_the_torch_program_and_serves_the_pool(bert_bundle)
     session = secure_split.load_bundle(root, key=f"{root}.key")
     assert session.program.precompute(1) == 1
     out = session(*args, **tensors(kwargs))
-    flat = [kwargs["attention_mask"], args[0]] if "attention_mask" in program.input_names[0] else [args[0]]
-    assert len(flat) == len(program.input_names)
+    flat = [kwargs["attention_mask"] if "attention_mask" in s else args[0] for s in program.artifact.input_sources]
     torch.testing.assert_close(out[0], program.run(*flat)[0], atol=1e-5, rtol=1e-5)
-    assert session.program.pool_calls == 1
+    assert session.program.keys.pool_calls == 1
+
+
+def test_a_loaded_bundle_reports_draws_and_names_parameters_as_the_program(bert_bundle, tmp_path):
+    """The report's counts, the drawing and the parameters per side are compile-time facts of the artifact,
+    which the manifest keeps: a loaded bundle gives what the in-process program gives (but for call counters)."""
+    program, root, args, kwargs = bert_bundle
+    session = secure_split.load_bundle(root, key=f"{root}.key")
+    want, got = program.report().to_dict(), session.program.report().to_dict()
+    counters = ("calls", "keys_from_pool", "keys_made_online", "pool_size")  # the program has run other calls
+    assert {k: v for k, v in got.items() if k not in counters} == {k: v for k, v in want.items() if k not in counters}
+    assert got["enclave_nodes"] > 0 and got["gpu_flops"] > 0 and got["cut_table"]
+    assert session.program.report().graph == program.report().graph and program.report().graph.nodes
+    for side in ("enclave", "gpu"):
+        assert session.program.parameter_names(side) == program.parameter_names(side) != []
+    assert session.program.report().draw(tmp_path / "loaded.svg").stat().st_size > 0
+    session(*args, **tensors(kwargs))
+    assert session.program.report().calls == 1
 
 
 def test_a_tampered_file_is_refused_and_named(bert_bundle):

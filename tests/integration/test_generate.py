@@ -109,9 +109,9 @@ def test_the_pool_is_filled_for_a_whole_generation_ahead():
     pools = generator.precompute(ids, 12, attention_mask=mask)
     # 11 decode steps on caches of 8..18 positions: 9 in the bucket of 16, 2 in the bucket of 32
     assert pools == {("prefill", (2, 8)): 1, ("decode", (2, 1), 16): 9, ("decode", (2, 1), 32): 2}
-    online = {k: p.online_calls for k, p in generator.programs.items()}
+    online = {k: p.keys.online_calls for k, p in generator.programs.items()}
     out = generator.generate(ids, 12, attention_mask=mask)
-    assert {k: p.online_calls for k, p in generator.programs.items()} == online  # every key came from a pool
-    assert all(len(p.pool) == 0 and p.pool_calls > 0 for p in generator.programs.values())
+    assert {k: p.keys.online_calls for k, p in generator.programs.items()} == online  # every key came from a pool
+    assert all(len(p.keys.pool) == 0 and p.keys.pool_calls > 0 for p in generator.programs.values())
     with torch.no_grad():
         assert torch.equal(out, model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False))

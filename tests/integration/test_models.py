@@ -71,7 +71,7 @@ def test_report_counts_match_what_crossed():
     assert len(trace) == report.cuts
     assert sum(r.tensor.nbytes for r in trace.to_gpu()) == report.bytes_to_gpu
     assert sum(r.tensor.nbytes for r in trace.to_enclave()) == report.bytes_to_enclave
-    assert {r.stage for r in trace} == {s.index for s in program.gpu_stages}
+    assert {r.stage for r in trace} == {s.index for s in program.artifact.gpu_stages}
     assert len({r.stage for r in trace}) == report.round_trips
     text = str(report)
     assert "enclave FLOP share" in text and "secureinfer / ring" in text
@@ -82,10 +82,10 @@ def test_activation_read_by_several_gpu_ops_crosses_once():
     names = [r.name for r in trace.to_gpu()]
     assert len(names) == len(set(names))
     # Q, K and V read the same normed hidden state: one stage, one crossing for all three projections.
-    first = program.partition.stage_module(program.gpu_stages[0])
+    first = program.artifact.stage_module(program.artifact.gpu_stages[0])
     matmuls = [n for n in first.graph.nodes if n.target is ring_product]
     assert len(matmuls) == 3
-    assert len([r for r in trace.to_gpu() if r.stage == program.gpu_stages[0].index]) == 1
+    assert len([r for r in trace.to_gpu() if r.stage == program.artifact.gpu_stages[0].index]) == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (GPU stages run on the CPU here)")

@@ -40,7 +40,7 @@ def test_talaria_matches_eager_with_every_weight_on_the_gpu(name):
     report = program.report()
     assert report.masking == "remo" and set(report.protection) == {"remo"}
     assert report.remo_unmasked_share == 0.0
-    scales = [n for n in program.partition.labelled.graph.nodes
+    scales = [n for n in program.artifact.labelled.graph.nodes
               if n.op == "call_function" and n.target == torch.ops.aten.mul.Tensor and reads_weight(n)]  # fmt: skip
     if name == "bert":  # post-LN: the residual reads the scaled value too, so γ stays an element-wise GPU op
         assert len(scales) == 5 and all(n.meta[SIDE] == "gpu" for n in scales)
@@ -67,9 +67,9 @@ def test_remo_unmask_terms_equal_the_stage_on_the_mask():
     model = tiny_lm("llama")
     args, kwargs = tiny_inputs("llama")  # 32 rows, width 64: each basis needs two GPU runs
     program = secure_split.split(model, args, kwargs, SplitConfig(policy="talaria"))
-    masks, terms = program.remo.draw()
-    for call in program._gpu_calls:
-        stage = program.boundary.get_submodule(str(call.target))
+    masks, terms = program.keys.remo.draw()
+    for call in program.keys.gpu_calls:
+        stage = program.artifact.boundary.get_submodule(str(call.target))
         held = [masks[a.name] for a in call.args]
         zeros = [a.meta[CUT].empty().zero_() for a in call.args]
         for term, on_mask, at_zero in zip(terms[call.name], stage(*held), stage(*zeros), strict=True):
@@ -85,8 +85,8 @@ def test_remo_below_full_rank_leaves_the_complement_of_the_basis_in_the_clear():
         out = first_output(program(*args, **kwargs))
     with torch.no_grad():
         torch.testing.assert_close(out, first_output(model(*args, **kwargs)), **TOLERANCE)
-    first_mask = next(n for n in program._masked)
-    basis = program.remo.bases[first_mask.name]
+    first_mask = next(iter(program.keys.remo.cuts))
+    basis = program.keys.remo.bases[first_mask]
     assert basis.shape == (rank, model.config.vocab_size)
     sent = trace.to_gpu()[0].tensor.double().reshape(-1, basis.shape[1])
     one_hot = torch.nn.functional.one_hot(args[0].flatten(), model.config.vocab_size).double()
@@ -102,7 +102,7 @@ def test_remo_keys_come_from_the_pool_and_are_fresh_per_call():
     args, kwargs = tiny_inputs("bert")
     config = SplitConfig(policy="talaria", precompute=3, pool_empty="raise")
     program = secure_split.split(model, args, kwargs, config)  # its capture call takes one entry
-    assert len(program.pool) == 2
+    assert len(program.keys.pool) == 2
     sent = []
     for _ in range(2):
         with secure_split.trace_boundary() as trace:

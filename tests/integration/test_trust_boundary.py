@@ -139,8 +139,8 @@ def test_cmif_splits_bert_with_segment_ids_and_sanitizes_only_the_word_tokens():
     with torch.no_grad():
         expected = model(*args, **kwargs).last_hidden_state
     torch.testing.assert_close(program(*args, **kwargs).last_hidden_state, expected)
-    assert [program.input_names[i] for i in program.token_inputs] == ["L['args'][0]"]
-    protections = {c.name: c.protection for c in program.cuts if c.direction == "to_gpu"}
+    assert [program.artifact.input_sources[i] for i in program.artifact.token_inputs] == ["args[0]"]
+    protections = {c.name: c.protection for c in program.artifact.cuts if c.direction == "to_gpu"}
     assert "public" in protections.values() and "ε-DP, not masked" in protections.values()
     sanitized = secure_split.split(model, args, kwargs, SplitConfig(policy="cmif", epsilon=1.0))
     sanitized(*args, **kwargs)  # segment ids index a 2-row table: sanitizing them as words would fail here

@@ -36,7 +36,7 @@ def test_secureinfer_keeps_a_peft_lora_adapter_in_the_enclave():
     enclave, gpu = program.parameter_names("enclave"), program.parameter_names("gpu")
     assert len(lora) == 8 and all(any(name.endswith(e) for e in enclave) for name in lora)
     assert not [n for n in gpu if "lora_" in n], "a private adapter weight reached the GPU"
-    assert "layers.0.self_attn.q_proj.base_layer.weight" in gpu  # the public base weight is offloaded
+    assert "base_model.model.layers.0.self_attn.q_proj.base_layer.weight" in gpu  # the public base weight is offloaded
     assert program.report().kept_in_enclave["touches a private parameter"] == 8
 
 
@@ -125,7 +125,7 @@ def test_auto_saves_bytes_on_bert_and_counts_them_as_the_runtime_does():
     _, secureinfer = split_report("bert", cost=slow_enclave)
     program, auto = split_report("bert", policy="auto", cost=slow_enclave)
     assert auto.bytes_to_gpu + auto.bytes_to_enclave < secureinfer.bytes_to_gpu + secureinfer.bytes_to_enclave
-    labelled = program.partition.labelled
+    labelled = program.artifact.labelled
     assert 2 * crossing_bytes(labelled) == auto.bytes_to_gpu + auto.bytes_to_enclave  # float32 crosses as int64
 
 

@@ -51,15 +51,15 @@ def test_codec_round_trip_and_bound():
 
 def gpu_stage_identity_holds(program, seed=0):
     """f(x + r) - (f(r) - f(0)) == f(x) bit for bit, for every GPU stage, with x of activation size."""
-    for call in program._gpu_calls:
-        stage = program.boundary.get_submodule(str(call.target))
+    for call in program.keys.gpu_calls:
+        stage = program.artifact.boundary.get_submodule(str(call.target))
         gen = torch.Generator().manual_seed(seed)
         xs, rs = [], []
         for arg in call.args:
             cut = arg.meta[CUT]
             xs.append(cut.empty().copy_(torch.randint(-(2**20), 2**20, cut.shape, generator=gen)))
             rs.append(cut.empty().copy_(uniform64(*cut.shape, seed=seed + 1)))
-        terms = program.unmask_terms(call, rs, cache=True)
+        terms = program.keys.unmask_terms(call, rs, cache=True)
         masked = stage(*[x + r for x, r in zip(xs, rs, strict=True)])
         for y, term, ref in zip(masked, terms, stage(*xs), strict=True):
             assert torch.equal(y - term, ref), f"{call.target}"
@@ -75,7 +75,7 @@ def precompute_zero_masks(program):
     """Queue one call whose masks (and so unmask terms) are zero: the same integer computation, unmasked."""
     program.precompute(1)
     with torch.inference_mode():
-        for secret in program.pool._entries[0].tensors():
+        for secret in program.keys.pool._entries[0].tensors():
             secret.zero_()
 
 
@@ -115,7 +115,7 @@ def test_what_would_overflow_stays_in_the_enclave_and_the_lowering_refuses_it():
     # The lowering itself re-checks every bound: a float-labelled stage does not fit 28 bits.
     float_program = secure_split.split(model, args, kwargs, SplitConfig(masking="float"))
     with pytest.raises(RingOverflowError, match=r"may reach \|value\| = 2\^.*frac_bits=28"):
-        RingLowerPass(28, 4096.0)(float_program.partition.stage_module(float_program.gpu_stages[0]))
+        RingLowerPass(28, 4096.0)(float_program.artifact.stage_module(float_program.artifact.gpu_stages[0]))
 
 
 def test_an_activation_beyond_the_declared_bound_is_refused_at_run_time():

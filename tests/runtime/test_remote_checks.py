@@ -2,6 +2,7 @@
 checked, Gaussian masks are never resent on a retry, calls are thread-safe, and fixed-point precision loss
 is reported."""
 
+import dataclasses
 import logging
 import threading
 
@@ -13,7 +14,7 @@ import secure_split
 from secure_split import IntegrityError, SplitConfig
 from secure_split.enclave_runtime.masking import MIN_SIGNIFICANT_BITS
 from secure_split.program import SplitProgram
-from secure_split.runtime.gpu_executor import WorkerError
+from secure_split.runtime.stage_backend import WorkerError
 from secure_split.tiny import CONFIGS, tiny_inputs
 
 
@@ -70,8 +71,8 @@ def tiny_lm(name: str) -> torch.nn.Module:
 
 def rebuilt(program: SplitProgram, config: SplitConfig, gpu: dict[str, torch.nn.Module]) -> SplitProgram:
     """The same split, with a new config and what the GPU runs for some stages replaced."""
-    modules = {s.module_name: program.partition.stage_module(s) for s in program.gpu_stages}
-    return SplitProgram(program.partition, config, program.input_names, gpu_modules={**modules, **gpu})
+    modules = {s.module_name: program.artifact.stage_module(s) for s in program.artifact.gpu_stages}
+    return SplitProgram(dataclasses.replace(program.artifact, config=config), gpu_modules={**modules, **gpu})
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama", "bert"])
@@ -86,13 +87,13 @@ def test_honest_remo_responses_pass_the_enclave_check_at_every_rank(talaria, ran
     """Widths are 64 (hidden) and 128 (one-hot over the vocabulary), so the ranks cover m < d, m = d and m > d."""
     config = SplitConfig(policy="talaria", remo_rank=rank, test_seed=0)
     program = rebuilt(talaria, config, {})  # builds its bases, asks the GPU for R and checks it
-    assert set(program.remo.responses) == {c.name for c in program._gpu_calls}
+    assert set(program.keys.remo.responses) == {c.name for c in program.keys.gpu_calls}
 
 
 @pytest.mark.parametrize("skew", [0.05, 1e-3])
 def test_a_gpu_skewing_its_remo_responses_is_refused(talaria, skew):
-    last = talaria.gpu_stages[-1].module_name
-    skewed = SkewedStage(talaria.partition.stage_module(talaria.gpu_stages[-1]), skew)
+    last = talaria.artifact.gpu_stages[-1].module_name
+    skewed = SkewedStage(talaria.artifact.stage_module(talaria.artifact.gpu_stages[-1]), skew)
     with pytest.raises(IntegrityError, match=rf"{last}: the GPU's ReMO responses R = f\(Q\) - f\(0\) disagree"):
         rebuilt(talaria, talaria.config, {last: skewed})
 
@@ -110,13 +111,13 @@ def test_gaussian_masks_never_retry():
 def test_a_failing_worker_is_retried_under_ring_masks_only(policy, attempts):
     x = torch.randn(4, 16)
     split = secure_split.split(Mlp().eval(), (x,), config=SplitConfig(policy=policy, test_seed=0))
-    first = split.gpu_stages[0].module_name
-    failing = FailingStage(split.partition.stage_module(split.gpu_stages[0]))
+    first = split.artifact.gpu_stages[0].module_name
+    failing = FailingStage(split.artifact.stage_module(split.artifact.gpu_stages[0]))
     program = rebuilt(split, split.config, {first: failing})  # remo asks the GPU for R here: it still answers
     failing.failing = True
     with pytest.raises(WorkerError, match="UNAVAILABLE"):
         program.run(x)
-    assert failing.calls == attempts and program.retries == attempts - 1 and program.calls == 0
+    assert failing.calls == attempts and program.executor.retried == attempts - 1 and program.calls == 0
 
 
 def test_one_program_serves_many_threads():
@@ -160,7 +161,7 @@ def test_values_below_fixed_point_resolution_are_reported(caplog):
         program(x * 1e-6)
         program(x * 1e-6)
     lost = program.report().precision_lost
-    first = program.cuts[0].name
+    first = program.artifact.cuts[0].name
     assert first in lost and lost[first] < MIN_SIGNIFICANT_BITS
     warnings = [r.getMessage() for r in caplog.records if "significant bits" in r.getMessage()]
     assert len(warnings) == len(lost)  # once per cut, though it was called twice

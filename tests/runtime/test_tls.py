@@ -19,8 +19,8 @@ from workers import start_worker
 import secure_split
 from secure_split.cli import main
 from secure_split.runtime import kserve
-from secure_split.runtime.gpu_executor import WorkerError
 from secure_split.runtime.remote import WorkerClient
+from secure_split.runtime.stage_backend import WorkerError
 from secure_split.runtime.tls import TlsFiles
 from secure_split.runtime.worker import GpuWorker, serve
 

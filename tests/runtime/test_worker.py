@@ -17,9 +17,9 @@ from workers import start_worker
 
 import secure_split
 from secure_split import IntegrityError, SplitConfig
-from secure_split.runtime.gpu_executor import WorkerError
 from secure_split.runtime.kserve import pb, services
 from secure_split.runtime.manifest import model_name
+from secure_split.runtime.stage_backend import WorkerError
 
 TOLERANCE = dict(atol=5e-4, rtol=1e-3)
 
@@ -61,7 +61,7 @@ def test_remote_equals_eager_and_the_worker_received_only_masked_values(bert, wo
     assert session.worker.requests > 0 and session.worker.bytes_sent > 0
     received = [np.load(f) for f in sorted(log.iterdir())]
     sent = [c.tensor for c in trace.to_gpu()]
-    assert len(received) == len(session.program.gpu_stages)  # one request per GPU stage, nothing else
+    assert len(received) == len(session.program.artifact.gpu_stages)  # one request per GPU stage, nothing else
     # what the worker got is exactly what crossed the enclave's channel, and each of it is ring-masked: a
     # value under a uniform pad in Z_2^64 is below 2^40 in magnitude with probability 2^-23, a plaintext
     # encoding (|x| ≤ activation_bound·2^frac_bits = 2^32) always is
@@ -152,9 +152,9 @@ def test_a_stalled_worker_is_retried_with_fresh_masks(bert, tmp_path):
     finally:
         running.stop()
     torch.testing.assert_close(out[0], bert[4], **TOLERANCE)
-    assert session.program.retries >= 1 and session.program.calls == 1
+    assert session.program.executor.retried >= 1 and session.program.calls == 1
     first_cut = [c.tensor for c in trace.to_gpu() if c.stage == trace.to_gpu()[0].stage]
-    assert len(first_cut) == session.program.retries + 1
+    assert len(first_cut) == session.program.executor.retried + 1
     for i, a in enumerate(first_cut):  # every attempt sent the same input under a mask of its own
         for b in first_cut[i + 1 :]:
             assert (a != b).float().mean() > 0.99

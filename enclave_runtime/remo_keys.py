@@ -19,12 +19,12 @@ import math
 import torch
 from torch import fx
 
-from secure_split.enclave_runtime.integrity import IntegrityError
-from secure_split.enclave_runtime.masking import RemoMasking
 from secure_split.passes.insert_masks import Cut
 from secure_split.passes.meta import CUT
-from secure_split.runtime.channel import Channel
-from secure_split.runtime.gpu_executor import GpuExecutor
+from secure_split.runtime.stage_backend import StageBackend
+
+from .integrity import IntegrityError
+from .masking import RemoMasking
 
 Responses = dict[int, tuple[torch.Tensor | None, ...]]  # input position -> per output, R (m × e) or None
 # An honest R differs from the enclave's own evaluation by float rounding only: a relative error of about
@@ -40,8 +40,7 @@ class RemoKeys:
         masking: RemoMasking,
         masked: list[fx.Node],
         gpu_calls: list[fx.Node],
-        gpu: GpuExecutor,
-        channel: Channel,
+        backend: StageBackend,
         enclave_stages: torch.nn.Module,
     ) -> None:
         """`enclave_stages`: the enclave's own copies of the GPU stages' public functions, by stage name (the
@@ -54,7 +53,7 @@ class RemoKeys:
         self.outputs: dict[str, tuple[torch.Tensor, ...]] = {}  # f(0) of each call: the outputs' shapes and dtypes
         self.responses: dict[str, Responses] = {}
         for call in gpu_calls:
-            self.responses[call.name] = self._responses(call, gpu, channel)
+            self.responses[call.name] = self._responses(call, backend)
             self._check(call, enclave_stages.get_submodule(str(call.target)))
 
     @property
@@ -127,12 +126,12 @@ class RemoKeys:
                     "refusing them"
                 )
 
-    def _responses(self, call: fx.Node, gpu: GpuExecutor, channel: Channel) -> Responses:
+    def _responses(self, call: fx.Node, backend: StageBackend) -> Responses:
         """R = f(Q) - f(0) for each masked input of one GPU stage call, a block of len(rows) basis rows at a time."""
         cuts: list[Cut] = [a.meta[CUT] for a in call.args]
         zeros = [c.empty().zero_() for c in cuts]
         stage = str(call.target)
-        f0 = _run(gpu, channel, stage, cuts, zeros, "remo_zero")
+        f0 = _run(backend, stage, cuts, zeros, "remo_zero")
         self.outputs[call.name] = f0
         responses: Responses = {}
         for position, cut in enumerate(cuts):
@@ -143,7 +142,7 @@ class RemoKeys:
                 held = torch.zeros(rows, cut.shape[-1], dtype=torch.float64)
                 held[: block.shape[0]] = block
                 inputs = [*zeros[:position], _in_layout(cut, held), *zeros[position + 1 :]]
-                outs = _run(gpu, channel, stage, cuts, inputs, "remo_basis")
+                outs = _run(backend, stage, cuts, inputs, "remo_basis")
                 for k, (out, zero) in enumerate(zip(outs, f0, strict=True)):
                     if math.prod(out.shape[:-1]) == rows:  # outputs on other rows do not read this input
                         delta = (out.double() - zero.double()).reshape(rows, out.shape[-1])
@@ -153,12 +152,12 @@ class RemoKeys:
 
 
 def _run(
-    gpu: GpuExecutor, channel: Channel, stage: str, cuts: list[Cut], inputs: list[torch.Tensor], label: str
+    backend: StageBackend, stage: str, cuts: list[Cut], inputs: list[torch.Tensor], label: str
 ) -> tuple[torch.Tensor, ...]:
-    """One public GPU run (no user data), through the channel so that a trace shows it."""
-    sent = [channel.to_gpu(c.stage, f"{label}:{c.name}", x) for c, x in zip(cuts, inputs, strict=True)]
-    outs = gpu.run(stage, sent)
-    return tuple(channel.to_enclave(cuts[0].stage, f"{label}:out{k}", out) for k, out in enumerate(outs))
+    """One public GPU run (no user data), through the backend's channel so that a trace shows it."""
+    sent = [backend.send(c.stage, f"{label}:{c.name}", x) for c, x in zip(cuts, inputs, strict=True)]
+    outs = backend.run(stage, sent)
+    return tuple(backend.receive(cuts[0].stage, f"{label}:out{k}", out) for k, out in enumerate(outs))
 
 
 def _times(factor: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
