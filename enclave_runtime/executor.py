@@ -12,6 +12,7 @@ import itertools
 import logging
 import operator
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,28 +29,19 @@ from .pool import CallKeys
 log = logging.getLogger("secure_split")
 
 
+@dataclass
 class SplitExecutor:
-    """Runs calls of `boundary`: masking at every cut, GPU stages on `backend`, keys from `keys`."""
+    """Runs calls of `boundary`: masking at every cut, GPU stages on `backend`, keys from `keys` (None when
+    nothing is masked). `ring_bits`: each GPU stage's outputs' fractional bits under ring masking, by stage name.
+    `retries`: how often a call that a remote worker failed (retryably) runs again, with fresh masks."""
 
-    def __init__(
-        self,
-        boundary: fx.GraphModule,
-        backend: StageBackend,
-        keys: KeyProvider | None,
-        masking: MaskingScheme,
-        ring_bits: dict[str, tuple[int, ...] | None],
-        retries: int,
-    ) -> None:
-        """`keys`: None when nothing is masked (masking "none"). `ring_bits`: each GPU stage's outputs'
-        fractional bits under ring masking, by stage name. `retries`: how often a call a remote worker failed
-        (retryably) runs again, with fresh masks."""
-        self.boundary = boundary
-        self.backend = backend
-        self.keys = keys
-        self.masking = masking
-        self.ring_bits = ring_bits
-        self.retries = retries
-        self.retried = 0  # attempts run again after a worker failed them
+    boundary: fx.GraphModule
+    backend: StageBackend
+    keys: KeyProvider | None
+    masking: MaskingScheme
+    ring_bits: dict[str, tuple[int, ...] | None]
+    retries: int
+    retried: int = 0  # attempts run again after a worker failed them
 
     def run(self, inputs: tuple[torch.Tensor, ...]) -> Any:
         """One call on the graph's flat inputs; a retryable worker failure runs it again from the start with new

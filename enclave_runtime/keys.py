@@ -116,7 +116,7 @@ class KeyProvider:
         f0 = self._zero_outputs.get(call.name) if cache else None
         if f0 is None:
             pairs = zip(call.args, held, strict=True)
-            zeros = [a.meta[CUT].empty().zero_() if a.meta[CUT].masked else v for a, v in pairs]
+            zeros = [a.meta[CUT].zeros() if a.meta[CUT].masked else v for a, v in pairs]
             f0 = tuple(stage(*zeros))
             if cache:
                 self._zero_outputs[call.name] = f0
@@ -152,7 +152,7 @@ def stage_verifiers(boundary: fx.GraphModule) -> dict[str, StageVerifier]:
     for call in calls:
         if not all_masked(call):
             raise NotImplementedError(f"verify=True: {call.target} reads a public value at run time")
-        like = [a.meta[CUT].empty().zero_() for a in call.args]
+        like = [a.meta[CUT].zeros() for a in call.args]
         stage = boundary.get_submodule(str(call.target))
         verifiers[call.name] = StageVerifier.for_stage(stage, like, str(call.target), target)
     return verifiers

@@ -111,7 +111,7 @@ class RemoKeys:
         factors = self._factors(list(dict.fromkeys(names)))
         with torch.inference_mode():
             on_mask = stage(*[self._mask(name, factors[name]) for name in names])
-            at_zero = stage(*[self.cuts[name].empty().zero_() for name in names])
+            at_zero = stage(*[self.cuts[name].zeros() for name in names])
         width = max(self.cuts[name].shape[-1] for name in names)
         row_norm = math.sqrt(sum(float(f.square().sum()) / f.shape[0] for f in factors.values()))
         for k, (fp, f0, term) in enumerate(zip(on_mask, at_zero, self._terms(call.name, factors), strict=True)):
@@ -129,7 +129,7 @@ class RemoKeys:
     def _responses(self, call: fx.Node, backend: StageBackend) -> Responses:
         """R = f(Q) - f(0) for each masked input of one GPU stage call, a block of len(rows) basis rows at a time."""
         cuts: list[Cut] = [a.meta[CUT] for a in call.args]
-        zeros = [c.empty().zero_() for c in cuts]
+        zeros = [c.zeros() for c in cuts]
         stage = str(call.target)
         f0 = _run(backend, stage, cuts, zeros, "remo_zero")
         self.outputs[call.name] = f0

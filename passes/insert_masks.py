@@ -56,6 +56,10 @@ class Cut:
             return torch.empty(self.shape, dtype=self.dtype)
         return torch.empty_strided(self.shape, self.stride, dtype=self.dtype)
 
+    def zeros(self) -> torch.Tensor:
+        """Zeros in the traced layout: the mask-free input f(0) is evaluated on, or a stage's example input."""
+        return self.empty().zero_()
+
 
 def _non_overlapping(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     dims = sorted((st, sz) for sz, st in zip(shape, stride, strict=True) if sz > 1)

@@ -42,9 +42,10 @@ def audit(
     policy: str = "secureinfer",
     labelled: fx.GraphModule | None = None,
     public_inputs: frozenset[str] = frozenset(),
-) -> None:
-    """Raise `LeakError` naming the first violated invariant; return None when all hold. Graph inputs are
-    private but those named in `public_inputs` (declared public by the user).
+) -> str:
+    """Raise `LeakError` naming the first violated invariant; when all hold, return what was proved (the
+    verdict a `SplitArtifact` keeps). Graph inputs are private but those named in `public_inputs` (declared
+    public by the user).
 
     Under `policy="cmif"` private values cross with ε-DP protection instead of masks and GPU stages need not be
     affine, but no value computed from the raw token ids other than through the embedding may cross: the audit
@@ -59,6 +60,13 @@ def audit(
         return _stage_taints(boundary.get_submodule(str(call.target)), call, inputs, private_globs, support)
 
     audit_boundary(boundary, masking, policy, stage_taints, public_inputs)
+    proved = [f"every GPU stage input is public or protected by {required_protection(policy, masking)}",
+              "no raw token id crosses" if policy == "cmif" else
+              "every GPU stage is row-wise affine" if masking == "remo" else "every GPU stage is affine",
+              "no private parameter is on the GPU"]  # fmt: skip
+    if policy == "talaria":
+        proved.append("no enclave stage holds a weight")
+    return f"audited ({policy}, {masking}): " + "; ".join(proved)
 
 
 def required_protection(policy: str, masking: str) -> str:

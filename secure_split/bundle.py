@@ -156,7 +156,7 @@ def _verifiers(
         call = calls[stage["name"]]
         transpose = OnnxStage(root / check["file"], [CPU], check["inputs"])
         plan = check_plan(check, stage["name"], gpu_calls)
-        like = [a.meta[CUT].empty().zero_() for a in call.args]
+        like = [a.meta[CUT].zeros() for a in call.args]
         shapes = [tuple(shape) for shape in check["out_shapes"]]
         verifiers[call.name] = StageVerifier(stage["name"], transpose, plan, check["out_bounds"], shapes, like)
     return verifiers

@@ -212,7 +212,7 @@ def _constant_bytes(module: fx.GraphModule) -> int:
 def _example(arg: fx.Node) -> torch.Tensor:
     """A stage input of the right shape and dtype: what crosses (a cut's wire value) or the enclave's value."""
     if arg.target is mask:
-        return arg.meta[CUT].empty().zero_()
+        return arg.meta[CUT].zeros()
     val = arg.meta["val"]
     return torch.zeros(tuple(val.shape), dtype=val.dtype)
 

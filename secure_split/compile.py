@@ -40,11 +40,11 @@ def compile_graph(captured: fx.GraphModule, config: SplitConfig) -> SplitProgram
     protection = CMIF_PROTECTION if config.policy == "cmif" else None
     run_passes([InsertMasksPass(config.masking, protection)], partition.boundary)
     public = declared_public(partition.labelled, config)
-    audit(partition.boundary, config.masking, config.private, config.policy, partition.labelled, public)
+    verdict = audit(partition.boundary, config.masking, config.private, config.policy, partition.labelled, public)
     if config.masking == "ring":
         _lower_to_ring(partition, config)
     tokens = token_positions(partition) if config.policy == "cmif" else []
-    program = SplitProgram(SplitArtifact.compiled(partition, config, tokens, "passed"))
+    program = SplitProgram(SplitArtifact.compiled(partition, config, tokens, verdict))
     if config.masking == "none" and config.policy != "cmif" and program.artifact.cuts:
         log.warning("secure_split: masking='none': activations cross to the GPU in plaintext (baseline only)")
     if log.isEnabledFor(logging.INFO):  # a report walks the whole graph: build it only to print it

@@ -54,6 +54,7 @@ class PartitionReport:
     # ring: cut name -> the fewest significant bits its values kept so far, where below MIN_SIGNIFICANT_BITS
     precision_lost: dict[str, float] = field(default_factory=dict)
     cut_table: list[dict[str, Any]] = field(default_factory=list)
+    audit: str = ""  # what the leak audit proved of this split
     graph: SplitGraph | None = field(default=None, repr=False, compare=False)  # for draw(); not serialised
 
     def to_dict(self) -> dict[str, Any]:
@@ -87,6 +88,8 @@ class PartitionReport:
         width = max(len(k) for k, _ in rows)
         lines = ["secure_split partition report", "-" * (width + 40)]
         lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
+        if self.audit:
+            lines.append(self.audit)
         if self.kept_in_enclave:
             lines.append("private ops kept in the enclave, by reason:")
             lines += [f"  {n:4d}  {reason}" for reason, n in sorted(self.kept_in_enclave.items(), key=lambda x: -x[1])]
@@ -144,6 +147,7 @@ def build_report(
             for c in cut_list
         ],
         graph=artifact.graph,
+        audit=artifact.verdict,
     )
 
 
