@@ -57,8 +57,8 @@ class Refusing(PassBase):
 def test_a_pass_error_is_raised_as_it_is_with_a_note_naming_the_pass():
     with pytest.raises(NotImplementedError, match="cannot place it") as raised:
         run_passes([TaintPass(), Refusing()], aten_graph(Mlp(), torch.randn(3, 4)))
-    assert raised.value.__notes__ == [
-        "An error occurred when running the 'Refusing' pass after the following passes: ['TaintPass']"]  # fmt: skip
+    (note,) = raised.value.__notes__  # PassManager's own words, which name the pass and the ones before it
+    assert "'Refusing' pass" in note and "['TaintPass']" in note
 
 
 def test_a_broken_precondition_names_the_pass_and_what_is_missing():
