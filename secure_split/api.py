@@ -1,4 +1,4 @@
-"""Ahead-of-time entry point: `split(model, args, kwargs, config) -> SplitProgram`."""
+"""Ahead-of-time entry point: `split(model, args, kwargs, config) -> SplitProgram`, captured through `torch.export`."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ from typing import Any
 
 import torch
 
-from .backend import SplitCompiledFunction
+from secure_split.passes.capture import capture_export, refuse_private_numbers
+
+from .compile import compile_graph
 from .config import SplitConfig
+from .entry import ModelEntry
 from .program import SplitProgram
 
 
@@ -18,31 +21,21 @@ def split(
     kwargs: dict[str, Any] | None = None,
     config: SplitConfig | None = None,
 ) -> SplitProgram:
-    """Capture `model` on example inputs with Dynamo (fullgraph, static shapes) and split it.
+    """Capture `model` on example inputs with `torch.export` (static shapes) and split it.
 
     The returned program is callable with the model's own arguments (same shapes as the example) and exposes
-    `report()`. It uses the same compiler as `torch.compile(backend="secure_split")`.
+    `report()`; it is run once on the example before it is returned. It uses the same compiler as
+    `torch.compile(backend="secure_split")`, and leaves the caller's other compiled models as they are.
     """
     config = config or SplitConfig()
     if config.policy == "cmif":
         config = dataclasses.replace(config, special_token_ids=(*config.special_token_ids, *special_token_ids(model)))
     args = args if isinstance(args, tuple) else (args,)
-    captured: list[SplitCompiledFunction] = []
-
-    def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> SplitCompiledFunction:
-        captured.append(SplitCompiledFunction(gm, example_inputs, config))
-        return captured[-1]
-
-    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
-    try:
-        with torch.no_grad():
-            compiled(*args, **(kwargs or {}))
-    except torch._dynamo.exc.BackendCompilerFailed as error:  # a refusal raised while Dynamo compiled: say it plainly
-        raise error.inner_exception from None
-    if not captured or captured[-1].last_program is None:
-        raise RuntimeError("Dynamo did not hand the model's graph to secure_split (was it already compiled?)")
-    program = captured[-1].last_program
-    program._entry = compiled
+    captured, signature = capture_export(model, args, kwargs)
+    refuse_private_numbers(signature.numbers, config.public_inputs)
+    program = compile_graph(captured, config)
+    program._entry = ModelEntry(model, signature)
+    program(*args, **(kwargs or {}))
     return program
 
 

@@ -7,8 +7,15 @@ from typing import Any
 import torch
 from torch import fx
 
-from secure_split.passes.capture import InputSpec, argument_name, capture_dynamo, classify_inputs
-from secure_split.passes.leak_audit import LeakError
+from secure_split.passes.capture import (
+    InputSpec,
+    capture_dynamo,
+    classify_inputs,
+    dynamo_source,
+    is_number,
+    path_name,
+    refuse_private_numbers,
+)
 
 from .compile import compile_graph
 from .config import SplitConfig
@@ -23,7 +30,7 @@ class SplitCompiledFunction:
     """
 
     def __init__(self, gm: fx.GraphModule, example_inputs: list[Any], config: SplitConfig) -> None:
-        refuse_private_numbers(config.public_inputs)
+        refuse_private_numbers(_guarded_numbers(), config.public_inputs)
         self.gm = gm
         self.config = config
         self.specs: list[InputSpec] = classify_inputs(gm, example_inputs)
@@ -49,24 +56,11 @@ class SplitCompiledFunction:
         return tuple(key)
 
 
-def refuse_private_numbers(public: tuple[str, ...]) -> None:
-    """Refuse the ints and floats of the traced frame that Dynamo baked into the graph, unless declared public.
-
-    Dynamo specializes Python numbers: their values become constants of the graph (a stage's code could carry
-    them to the GPU) and a guard on each value recompiles when it changes. Those guards name them. Called while
-    Dynamo compiles, the only time its tracing context (torch 2.13's) is there to read."""
-    private = [name for name in _guarded_numbers() if argument_name(name) not in public]
-    if private:  # never the values themselves: they are the caller's secrets
-        raise LeakError(
-            f"Python number(s) {private} (the caller's arguments, or values computed before a graph break) would be "
-            f"baked into the split graph as constants, where GPU stage code carries them in the clear: pass each "
-            f"as a tensor (private, masked), or declare an argument public with SplitConfig(public_inputs=(...))"
-        )
-
-
 def _guarded_numbers() -> list[str]:
-    """The traced frame's arguments (not the model's attributes nor its functions' defaults) that are ints or
-    floats guarded by value."""
+    """The ints and floats of the traced frame's arguments (at any depth; not the model's attributes nor its
+    functions' defaults) that Dynamo guards by value: it baked them into the graph as constants (a stage's code
+    could carry them to the GPU) and recompiles when one changes. Read while Dynamo compiles, the only time its
+    tracing context (torch 2.13's) is there to read."""
     from torch._dynamo.symbolic_convert import InstructionTranslator
     from torch._guards import GuardSource, TracingContext
 
@@ -76,12 +70,22 @@ def _guarded_numbers() -> list[str]:
     names = []
     for guard in context.guards_context.dynamo_guards:
         by_value = guard.create_fn_name() in ("CONSTANT_MATCH", "EQUALS_MATCH")
-        if guard.source is not GuardSource.LOCAL or not by_value or argument_name(guard.name) is None:
-            continue
-        value = eval(guard.name, {"L": frame})  # a guard's name is the expression Dynamo reads its value with
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            names.append(guard.name)
-    return sorted(set(names))
+        located = dynamo_source(guard.originating_source) if by_value and guard.source is GuardSource.LOCAL else None
+        if located is not None and is_number(_read(frame, guard.originating_source)):
+            names.append(path_name(*located[:2]))
+    return names
+
+
+def _read(frame: dict[str, Any], source: Any) -> Any:
+    """The value a local `source` (a local, its items and attributes) names in `frame`."""
+    from torch._dynamo.source import AttrSource, LocalSource
+
+    if isinstance(source, LocalSource):
+        return frame.get(source.local_name)
+    value = _read(frame, source.base)
+    if isinstance(source, AttrSource):
+        return getattr(value, source.member, None)
+    return value[source.index] if hasattr(source, "index") else value
 
 
 def secure_split_backend(
