@@ -66,7 +66,7 @@ def load_bundle(
     worker = WorkerClient(gpu, config.gpu_timeout_s, tls) if gpu is not None else None
     gpu_side = [gpu] if gpu is not None else gpu_providers(providers)
     table = root / TOKEN_EMBEDDINGS
-    sanitizer = make_sanitizer(config, lambda: torch.from_numpy(np.load(table))) if config.policy == "cmif" else None
+    sanitizer = make_sanitizer(config, lambda: torch.from_numpy(np.load(table))) if config.sanitizes_tokens else None
     programs = []
     for bucket in manifest["buckets"]:
         artifact, on_gpu = decode_bucket(root, bucket, manifest["files"], config, gpu_side, worker)

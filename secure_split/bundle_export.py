@@ -83,7 +83,7 @@ def export_bundle(
     for program, order, prefix in examples:
         done = sum(len(bucket["stages"]) for bucket in written)
         written.append(_export_program(program, order, root, prefix, config.private, progress, done, total))
-    if config.policy == "cmif":  # the enclave's sanitizer draws replacement tokens from the embedding table
+    if config.sanitizes_tokens:  # the enclave's sanitizer draws replacement tokens from the embedding table
         np.save(root / TOKEN_EMBEDDINGS, token_embeddings(_labelled(examples[0][0])).detach().numpy())
     manifest = {
         "format": FORMAT,

@@ -184,7 +184,7 @@ def _check_cut_shapes(boundary: fx.GraphModule) -> None:
 
 def check_masking(config: SplitConfig, plaintext: bool) -> None:
     """Masking "none" outside cmif sends activations in the clear: a baseline the loader asks for by name."""
-    if config.masking == "none" and config.policy != "cmif" and not plaintext:
+    if config.plaintext and not plaintext:
         raise BundleError(f"the bundle's masking is 'none' under policy {config.policy!r}: activations would cross "
                           "to the GPU in plaintext; load_bundle(..., plaintext=True) runs this baseline")  # fmt: skip
 

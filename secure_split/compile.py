@@ -37,15 +37,15 @@ def compile_graph(captured: fx.GraphModule, config: SplitConfig) -> SplitProgram
     """Split one captured graph (`passes.capture`: static shapes, user inputs as placeholders, model state as
     constants) into an audited `SplitProgram`."""
     partition = build_partition(label_graph(captured, config))
-    protection = CMIF_PROTECTION if config.policy == "cmif" else None
+    protection = CMIF_PROTECTION if config.sanitizes_tokens else None
     run_passes([InsertMasksPass(config.masking, protection)], partition.boundary)
     public = declared_public(partition.labelled, config)
     verdict = audit(partition.boundary, config.masking, config.private, config.policy, partition.labelled, public)
     if config.masking == "ring":
         _lower_to_ring(partition, config)
-    tokens = token_positions(partition) if config.policy == "cmif" else []
+    tokens = token_positions(partition) if config.sanitizes_tokens else []
     program = SplitProgram(SplitArtifact.compiled(partition, config, tokens, verdict))
-    if config.masking == "none" and config.policy != "cmif" and program.artifact.cuts:
+    if config.plaintext and program.artifact.cuts:
         log.warning("secure_split: masking='none': activations cross to the GPU in plaintext (baseline only)")
     if log.isEnabledFor(logging.INFO):  # a report walks the whole graph: build it only to print it
         log.info("%s", program.report())

@@ -13,11 +13,28 @@ from secure_split.enclave_runtime.sanitizer import MECHANISMS as SANITIZERS
 from secure_split.partitioner.min_cut import Cost
 from secure_split.runtime.ring_kernels import KERNELS as RING_KERNELS
 
-POLICIES = ("secureinfer", "talaria", "cmif", "auto")
-DEFAULT_MASKING = {"secureinfer": "ring", "cmif": "none", "talaria": "remo", "auto": "ring"}
 MASKINGS = ("ring", "float", "remo", "none")
 POOL_EMPTY = ("online", "raise")
 CMIF_PUBLIC_INPUTS = ("attention_mask", "token_type_ids", "position_ids")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a policy means beyond its labelling pass (`compile.label_passes`): DESIGN.md, "policies"."""
+
+    default_masking: str
+    maskings: tuple[str, ...] = MASKINGS
+    sanitizes_tokens: bool = False  # cmif: token ids are sanitized under ε-DP and the GPU runs the rest unmasked
+    weightless_enclave: bool = False  # talaria: the enclave holds no weight, so no unmask term needing one
+    public_inputs: tuple[str, ...] = ()  # the inputs that hold no private data unless the user says otherwise
+
+
+POLICIES = {
+    "secureinfer": Policy("ring"),
+    "talaria": Policy("remo", ("remo", "none"), weightless_enclave=True),
+    "cmif": Policy("none", ("none",), sanitizes_tokens=True, public_inputs=CMIF_PUBLIC_INPUTS),
+    "auto": Policy("ring"),
+}
 
 # When each setting applies (as Torch-TensorRT keeps compilation settings apart from runtime ones), in the
 # metadata of its field: a bundle keeps the settings the runtime needs, and a loader may choose only some.
@@ -109,18 +126,19 @@ class SplitConfig:
     gpu_retries: int | None = field(default=None, metadata=LOAD)
 
     def __post_init__(self) -> None:
-        _check_choice("policy", self.policy, POLICIES)
+        _check_choice("policy", self.policy, tuple(POLICIES))
+        policy = POLICIES[self.policy]
         if self.masking is None:
-            object.__setattr__(self, "masking", DEFAULT_MASKING[self.policy])
+            object.__setattr__(self, "masking", policy.default_masking)
         _check_choice("masking", self.masking, MASKINGS)
-        if self.policy == "cmif" and self.masking != "none":
+        if self.masking not in policy.maskings and policy.sanitizes_tokens:
             raise ValueError("policy='cmif' runs non-linear layers on the GPU, which masks cannot pass: masking='none'")
-        if self.policy == "talaria" and self.masking not in ("remo", "none"):
+        if self.masking not in policy.maskings:
             raise ValueError(
                 f"policy='talaria' keeps no weight in the enclave, so it cannot compute the unmask terms of "
                 f"masking={self.masking!r}: use masking='remo' (or 'none' for a baseline)"
             )
-        if self.policy == "talaria" and self.private:
+        if policy.weightless_enclave and self.private:
             raise ValueError("policy='talaria' keeps no weight in the enclave: private weights need 'secureinfer'")
         if self.remo_rank is not None and not (isinstance(self.remo_rank, int) and self.remo_rank >= 1):
             raise ValueError(f"SplitConfig.remo_rank must be an int >= 1 or None, got {self.remo_rank!r}")
@@ -142,7 +160,7 @@ class SplitConfig:
             raise ValueError(f"SplitConfig.verify=True needs masking='ring' (exact results), got {self.masking!r}")
         if not (isinstance(self.epsilon, int | float) and self.epsilon > 0):
             raise ValueError(f"SplitConfig.epsilon must be a positive number (inf: no noise), got {self.epsilon!r}")
-        if self.policy != "cmif" and math.isfinite(self.epsilon):
+        if not policy.sanitizes_tokens and math.isfinite(self.epsilon):
             raise ValueError(f"SplitConfig.epsilon sets cmif's token sanitizer; policy {self.policy!r} has none")
         _check_choice("sanitizer", self.sanitizer, SANITIZERS)
         if not (isinstance(self.sanitizer_k, int) and self.sanitizer_k >= 1):
@@ -167,7 +185,7 @@ class SplitConfig:
         if self.test_seed is not None and not isinstance(self.test_seed, int):
             raise TypeError(f"SplitConfig.test_seed must be an int or None, got {type(self.test_seed).__name__}")
         if self.public_inputs is None:
-            object.__setattr__(self, "public_inputs", CMIF_PUBLIC_INPUTS if self.policy == "cmif" else ())
+            object.__setattr__(self, "public_inputs", policy.public_inputs)
         for name in ("private", "public_inputs"):  # one name alone, or any iterable of names
             value = getattr(self, name)
             object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
@@ -178,6 +196,16 @@ class SplitConfig:
             raise ValueError("SplitConfig.device is 'cuda' but no CUDA device is available")
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"SplitConfig.device must be a CPU or CUDA device, got {self.device!r}")
+
+    @property
+    def sanitizes_tokens(self) -> bool:
+        """Whether the policy protects token ids by ε-DP sanitization rather than masks (cmif)."""
+        return POLICIES[self.policy].sanitizes_tokens
+
+    @property
+    def plaintext(self) -> bool:
+        """Whether activations cross to the GPU with no protection at all: masking "none" as a baseline."""
+        return self.masking == "none" and not self.sanitizes_tokens
 
     @classmethod
     def kept_settings(cls) -> tuple[str, ...]:

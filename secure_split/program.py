@@ -72,7 +72,7 @@ class SplitProgram:
         ring_bits = {name: facts.ring_bits for name, facts in artifact.facts.items()}
         self.executor = SplitExecutor(artifact.boundary, self.gpu, self.keys, self.masking, ring_bits,
                                       config.gpu_retries)  # fmt: skip
-        if sanitizer is None and config.policy == "cmif":
+        if sanitizer is None and config.sanitizes_tokens:
             sanitizer = make_sanitizer(config, lambda: _token_table(artifact))
         self.sanitizer = sanitizer
         self.calls = 0
