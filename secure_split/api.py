@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from secure_split.passes.capture import capture_export, refuse_private_numbers
+from secure_split.passes.capture import refuse_private_numbers
+from secure_split.passes.capture_export import capture_export
 
 from .compile import compile_graph
 from .config import SplitConfig

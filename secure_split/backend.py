@@ -7,15 +7,8 @@ from typing import Any
 import torch
 from torch import fx
 
-from secure_split.passes.capture import (
-    InputSpec,
-    capture_dynamo,
-    classify_inputs,
-    dynamo_source,
-    is_number,
-    path_name,
-    refuse_private_numbers,
-)
+from secure_split.passes.capture import InputSpec, is_number, path_name, refuse_private_numbers
+from secure_split.passes.capture_dynamo import capture_dynamo, classify_inputs, dynamo_source
 
 from .compile import compile_graph
 from .config import SplitConfig

@@ -34,8 +34,8 @@ log = logging.getLogger("secure_split")
 
 
 def compile_graph(captured: fx.GraphModule, config: SplitConfig) -> SplitProgram:
-    """Split one captured graph (`passes.capture`: static shapes, user inputs as placeholders, model state as
-    constants) into an audited `SplitProgram`."""
+    """Split one captured graph (`passes.capture_export` or `passes.capture_dynamo`: static shapes, user inputs
+    as placeholders, model state as constants) into an audited `SplitProgram`."""
     partition = build_partition(label_graph(captured, config))
     protection = CMIF_PROTECTION if config.sanitizes_tokens else None
     run_passes([InsertMasksPass(config.masking, protection)], partition.boundary)

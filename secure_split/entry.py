@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from secure_split.passes.capture import ExportSignature, module_attribute
+from secure_split.passes.capture_export import ExportSignature, module_attribute
 
 if TYPE_CHECKING:
     from .program import SplitProgram

@@ -7,7 +7,7 @@ from torch import fx
 
 from secure_split.compile import label_graph
 from secure_split.config import SplitConfig
-from secure_split.passes.capture import capture_dynamo, classify_inputs
+from secure_split.passes.capture_dynamo import capture_dynamo, classify_inputs
 from secure_split.tiny import CONFIGS, DECODERS, VOCAB, tiny_inputs, tiny_model
 
 __all__ = ["CONFIGS", "DECODERS", "VOCAB", "TokenMlp", "labelled_graph", "split_and_trace", "tiny_inputs", "tiny_model"]

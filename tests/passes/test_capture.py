@@ -6,14 +6,9 @@ import torch
 import secure_split
 from secure_split import SplitConfig
 from secure_split.entry import InputSignatureError
-from secure_split.passes.capture import (
-    HiddenInputError,
-    StateError,
-    argument_name,
-    capture_dynamo,
-    capture_export,
-    classify_inputs,
-)
+from secure_split.passes.capture import HiddenInputError, StateError, argument_name
+from secure_split.passes.capture_dynamo import capture_dynamo, classify_inputs
+from secure_split.passes.capture_export import capture_export
 from secure_split.passes.leak_audit import LeakError
 from secure_split.passes.meta import PARAM_NAMES, SOURCE, WEIGHTS
 
