@@ -9,7 +9,6 @@ which appends them to its cache. Nothing of the cache is ever sent to the GPU.
 
 from __future__ import annotations
 
-import copy
 import time
 import weakref
 from dataclasses import dataclass
@@ -136,13 +135,13 @@ class SplitGenerator:
         for length in range(input_ids.shape[1], input_ids.shape[1] + max_new_tokens - 1):
             padded = self._bucket_of(length)
             steps[padded] = steps.get(padded, 0) + 1
-        token = input_ids[:, -1:].contiguous()  # laid out as a decode step's token (Dynamo guards on strides)
+        token = input_ids[:, -1:]  # shaped as a decode step's token
         for padded in steps:
             key = ("decode", tuple(token.shape), padded)
             if key not in self.programs:  # built on a zero cache of the bucket's size
                 zeros = [torch.zeros(*layer.keys.shape[:2], padded, layer.keys.shape[-1]) for layer in layers]
                 full = torch.ones(len(token), padded + 1, dtype=torch.long)
-                position = positions[:, -1:].contiguous()
+                position = positions[:, -1:]
                 self._decode(token, zeros, [z.clone() for z in zeros], full, position, count=False)
         pools = {prefill: self.programs[prefill].precompute(1)}
         for padded, count in steps.items():
@@ -176,8 +175,8 @@ class SplitGenerator:
 
     def _run(self, key: tuple, ids: torch.Tensor, **kwargs: Any) -> Any:
         kwargs["use_cache"] = True
-        if key not in self.programs:  # the capture call updates a cache it is given: give it a copy
-            self.programs[key] = split(self.model, (ids,), copy.deepcopy(kwargs), self.config)
+        if key not in self.programs:
+            self.programs[key] = split(self.model, (ids,), kwargs, self.config)
             self.reports[key] = self.programs[key].report()  # its counts per call, taken once
         start = time.perf_counter()
         out = self.programs[key](ids, **kwargs)
