@@ -6,7 +6,7 @@ REASON = "secure_split.reason"  # why the node is on its side, for the report
 PARAM_NAMES = "secure_split.param_names"  # on get_attr nodes: the model state (parameters, buffers) it derives from
 WEIGHTS = "secure_split.weights"  # on get_attr nodes: the nn.Parameters (not buffers) the constant derives from
 PRIVATE_PARAM = "secure_split.private_param"  # on get_attr nodes: matched a SplitConfig.private glob
-SOURCE = "secure_split.source"  # on graph inputs: where Dynamo read the value, e.g. "L['kwargs']['attention_mask']"
+SOURCE = "secure_split.source"  # on graph inputs: the model argument (or path in one) it is, e.g. "attention_mask"
 STAGE = "secure_split.stage"  # stage index, set by the partitioner
 CUT = "secure_split.cut"  # on mask/unmask nodes of the boundary graph: the `Cut` they implement
 

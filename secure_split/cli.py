@@ -62,14 +62,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_inspect(model_name: str, policies: list[str], masking: str | None, draw: Path | None) -> None:
     """Split `model_name` once per policy and print the reports side by side; draw each split into `draw`."""
-    import torch
-
     import secure_split
 
     model, args, kwargs = build_model(model_name)
     reports: dict[str, PartitionReport | str] = {}
     for policy in policies:
-        torch._dynamo.reset()  # every split compiles the same model again
         try:
             config = secure_split.SplitConfig(policy=policy, **({"masking": masking} if masking else {}))
             reports[policy] = secure_split.split(model, args, kwargs, config).report()

@@ -81,7 +81,7 @@ class SplitConfig:
     private: parameter-name globs (e.g. "*lora_*") whose parameters never leave the enclave.
     public_inputs: the model arguments (keyword names, or "args[0]") that hold no private data: they may cross
         to the GPU unmasked, and a Python number among them may be baked into stage code. Every other input is
-        private, and so is every int or float the caller passes: Dynamo bakes numbers into the graph as
+        private, and so is every int or float the caller passes: capture bakes numbers into the graph as
         constants, where a GPU stage would carry them in the clear, so `split()` refuses a private one (pass it
         as a tensor: it is then masked). None: none, except under cmif, whose GPU runs everything after the
         embedding: CMIF_PUBLIC_INPUTS (the attention mask, segment and position ids cross unmasked).

@@ -234,7 +234,7 @@ def generate(
     `top_k`, `top_p`); the KV cache, the sampling and the tokens never leave the enclave."""
     config = config or SplitConfig()
     generators = _GENERATORS.setdefault(model, {})
-    if (config, bucket) not in generators:  # programs are reused across calls (Dynamo compiles each shape once)
+    if (config, bucket) not in generators:  # programs are reused across calls: each shape is split once
         generators[(config, bucket)] = SplitGenerator(model, config, bucket)
     generator = generators[(config, bucket)]
     generator.rng = CSPRNG("sampler", config.test_seed)  # a test-seeded call samples the same tokens every time
