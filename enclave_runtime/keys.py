@@ -56,7 +56,7 @@ class KeyProvider:
         self.pool_calls = 0  # calls whose keys came from the pool
         self.online_calls = 0  # calls whose keys were made on the spot
         self.gpu_calls = gpu_calls(boundary)
-        self._masked = [n for n in boundary.graph.nodes if n.target is mask and n.meta[CUT].masked]
+        self._masked = masked_sends(boundary)
         self._zero_outputs: dict[str, tuple[torch.Tensor, ...]] = {}
 
     def for_call(self) -> CallKeys:
@@ -156,6 +156,11 @@ def stage_verifiers(boundary: fx.GraphModule) -> dict[str, StageVerifier]:
         stage = boundary.get_submodule(str(call.target))
         verifiers[call.name] = StageVerifier.for_stage(stage, like, str(call.target), target)
     return verifiers
+
+
+def masked_sends(boundary: fx.GraphModule) -> list[fx.Node]:
+    """The `mask` nodes whose value crosses under a one-time mask (each needs a fresh mask per call)."""
+    return [n for n in boundary.graph.nodes if n.target is mask and n.meta[CUT].masked]
 
 
 def gpu_calls(boundary: fx.GraphModule) -> list[fx.Node]:

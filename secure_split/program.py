@@ -20,13 +20,11 @@ import torch
 from secure_split.enclave_runtime.csprng import CSPRNG
 from secure_split.enclave_runtime.executor import SplitExecutor
 from secure_split.enclave_runtime.integrity import StageVerifier
-from secure_split.enclave_runtime.keys import KeyProvider, all_masked, gpu_calls, stage_verifiers
+from secure_split.enclave_runtime.keys import KeyProvider, all_masked, gpu_calls, masked_sends, stage_verifiers
 from secure_split.enclave_runtime.masking import RemoMasking, make_masking
 from secure_split.enclave_runtime.remo_keys import RemoKeys
 from secure_split.enclave_runtime.sanitizer import IdentitySanitizer, TokenSanitizer, make_token_sanitizer
-from secure_split.passes.insert_masks import mask
 from secure_split.passes.label_cmif import token_embeddings
-from secure_split.passes.meta import CUT
 from secure_split.runtime.stage_backend import StageBackend
 
 from .artifact import SplitArtifact
@@ -63,7 +61,8 @@ class SplitProgram:
         self.artifact = artifact
         self.config = config
         self.device = torch.device(config.device)
-        self.rng = _mask_stream(config, artifact)
+        self._binding = artifact.fingerprint()  # what the key stream (under a test seed) and a sealed pool bind to
+        self.rng = _mask_stream(config, self._binding)
         self.masking = make_masking(config.masking, self.rng, config.mask_scale,
                                     config.frac_bits, config.activation_bound, config.remo_rank)  # fmt: skip
         modules = gpu_modules or {s.module_name: artifact.stage_module(s) for s in artifact.gpu_stages}
@@ -89,13 +88,12 @@ class SplitProgram:
             verifiers = stage_verifiers(boundary)
         remo = None
         if isinstance(self.masking, RemoMasking):
-            for call in gpu_calls(boundary):
+            calls = gpu_calls(boundary)
+            for call in calls:
                 if not all_masked(call):  # its linear part would depend on that input: no fixed R = L(Q)
                     raise NotImplementedError(f"masking='remo': {call.target} reads a public value at run time")
-            masked = [n for n in boundary.graph.nodes if n.target is mask and n.meta[CUT].masked]
-            remo = RemoKeys(self.masking, masked, gpu_calls(boundary), self.gpu, boundary)
-        return KeyProvider(boundary, self.masking, self.rng, config.pool_empty, verifiers or {},
-                           self.artifact.fingerprint(), remo)  # fmt: skip
+            remo = RemoKeys(self.masking, masked_sends(boundary), calls, self.gpu, boundary)
+        return KeyProvider(boundary, self.masking, self.rng, config.pool_empty, verifiers or {}, self._binding, remo)
 
     def run(self, *inputs: torch.Tensor) -> Any:
         """Execute on the graph's flat user inputs (what the compiled graph receives). Thread-safe: calls queue."""
@@ -164,12 +162,12 @@ def _token_table(artifact: SplitArtifact) -> torch.Tensor:
     return token_embeddings(artifact.labelled)
 
 
-def _mask_stream(config: SplitConfig, artifact: SplitArtifact) -> CSPRNG:
+def _mask_stream(config: SplitConfig, binding: bytes) -> CSPRNG:
     """The program's key stream: from `os.urandom`; under a test seed, one domain per split, so that no two
     programs (a generation's prefill and decode) share a keystream."""
     if config.test_seed is None:
         return CSPRNG()
     log.warning("secure_split: SplitConfig.test_seed=%d: anyone who knows it can rebuild this program's masks "
                 "(tests only; never deploy it)", config.test_seed)  # fmt: skip
-    return CSPRNG(f"masks/{artifact.fingerprint().hex()}", config.test_seed)
+    return CSPRNG(f"masks/{binding.hex()}", config.test_seed)
 
